@@ -1,0 +1,345 @@
+//! Configuration from environment variables.
+//!
+//! Every variable any service reads is declared once in [`ENV_VARS`], with its
+//! default and the services that read it. The README table and the deploy
+//! drift test (`common/tests/env_drift.rs`) are both checked against this
+//! list, so a variable cannot be added here without being documented and set
+//! in the deployments.
+
+use std::time::Duration;
+
+use crate::redis_store::RedisTarget;
+
+/// Which service a variable belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Stock,
+    Payment,
+    Order,
+}
+
+impl Service {
+    pub const ALL: &'static [Service] = &[Service::Stock, Service::Payment, Service::Order];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Stock => "stock",
+            Service::Payment => "payment",
+            Service::Order => "order",
+        }
+    }
+}
+
+/// One environment variable a service reads.
+#[derive(Debug)]
+pub struct EnvVar {
+    pub name: &'static str,
+    /// `None` means "no default": see `required`.
+    pub default: Option<&'static str>,
+    /// A deployment must set it (the default only suits a laptop, or there is none).
+    pub required: bool,
+    pub services: &'static [Service],
+    pub help: &'static str,
+}
+
+use Service::*;
+
+/// The complete list of variables the services read.
+pub const ENV_VARS: &[EnvVar] = &[
+    EnvVar {
+        name: "BIND_ADDR",
+        default: Some("127.0.0.1:8080"),
+        required: true,
+        services: Service::ALL,
+        help: "address the HTTP server listens on",
+    },
+    EnvVar {
+        name: "INSTANCE_ID",
+        default: None,
+        required: false,
+        services: Service::ALL,
+        help: "name of this instance in logs and queue names (default: <service>-<pid>-<random>)",
+    },
+    EnvVar {
+        name: "REDIS_SENTINELS",
+        default: None,
+        required: false,
+        services: Service::ALL,
+        help: "comma-separated Sentinel addresses host:port; the master is found through them (set this or REDIS_URL)",
+    },
+    EnvVar {
+        name: "REDIS_MASTER_NAME",
+        default: None,
+        required: false,
+        services: Service::ALL,
+        help: "Sentinel master name of the service's own store (default: the service name)",
+    },
+    EnvVar {
+        name: "REDIS_URL",
+        default: None,
+        required: false,
+        services: Service::ALL,
+        help: "redis://host:port/db of a single Redis, used instead of Sentinel",
+    },
+    EnvVar {
+        name: "REDIS_PASSWORD",
+        default: None,
+        required: false,
+        services: Service::ALL,
+        help: "password of the Redis data nodes (Sentinel mode)",
+    },
+    EnvVar {
+        name: "REDIS_SENTINEL_PASSWORD",
+        default: None,
+        required: false,
+        services: Service::ALL,
+        help: "password of the Sentinels themselves, when they have one",
+    },
+    EnvVar {
+        name: "REDIS_WAIT_TIMEOUT_MS",
+        default: Some("500"),
+        required: false,
+        services: Service::ALL,
+        help: "how long an acknowledged write waits for one replica (WAIT 1 <ms>)",
+    },
+    EnvVar {
+        name: "SAGA_REDIS_MASTER_NAME",
+        default: Some("saga"),
+        required: false,
+        services: &[Order],
+        help: "Sentinel master name of the saga store",
+    },
+    EnvVar {
+        name: "SAGA_REDIS_URL",
+        default: None,
+        required: false,
+        services: &[Order],
+        help: "redis:// URL of a single Redis for the saga store, used instead of Sentinel",
+    },
+    EnvVar {
+        name: "AMQP_URL",
+        default: Some("amqp://guest:guest@127.0.0.1:5672/%2f"),
+        required: true,
+        services: Service::ALL,
+        help: "RabbitMQ connection URL",
+    },
+    EnvVar {
+        name: "AMQP_QUEUE_TYPE",
+        default: Some("classic"),
+        required: false,
+        services: Service::ALL,
+        help: "type of the durable command queues: classic or quorum",
+    },
+    EnvVar {
+        name: "AMQP_PREFETCH",
+        default: Some("256"),
+        required: false,
+        services: Service::ALL,
+        help: "unacknowledged messages a consumer may hold",
+    },
+    EnvVar {
+        name: "STOCK_URL",
+        default: Some("http://127.0.0.1:8000/stock"),
+        required: true,
+        services: &[Order],
+        help: "base URL of the stock service's HTTP API (price look-ups for addItem)",
+    },
+    EnvVar {
+        name: "STEP_TIMEOUT_MS",
+        default: Some("10000"),
+        required: false,
+        services: &[Order],
+        help: "how long a saga waits for a participant's reply before counting the step as failed",
+    },
+    EnvVar {
+        name: "SAGA_LEASE_MS",
+        default: Some("3000"),
+        required: false,
+        services: &[Order],
+        help: "lease of a saga's owner; an expired lease lets another instance recover the saga",
+    },
+    EnvVar {
+        name: "LOG_FORMAT",
+        default: Some("text"),
+        required: false,
+        services: Service::ALL,
+        help: "text or json",
+    },
+    EnvVar {
+        name: "RUST_LOG",
+        default: Some("info"),
+        required: false,
+        services: Service::ALL,
+        help: "tracing filter, e.g. info or order=debug,info",
+    },
+];
+
+/// A configuration value that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{name}: {reason}")]
+    Invalid { name: &'static str, reason: String },
+    #[error("set REDIS_SENTINELS (with a master name) or REDIS_URL")]
+    NoRedis,
+}
+
+fn declared(name: &str) -> &'static EnvVar {
+    ENV_VARS
+        .iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("{name} is not declared in ENV_VARS"))
+}
+
+/// The raw value of a declared variable, or its default.
+pub fn var(name: &'static str) -> Option<String> {
+    let spec = declared(name);
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => Some(v.trim().to_string()),
+        _ => spec.default.map(str::to_string),
+    }
+}
+
+fn parsed<T: std::str::FromStr>(name: &'static str) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    let raw = var(name).ok_or(ConfigError::Invalid {
+        name,
+        reason: "missing".into(),
+    })?;
+    raw.parse().map_err(|e: T::Err| ConfigError::Invalid {
+        name,
+        reason: format!("{raw:?}: {e}"),
+    })
+}
+
+fn millis(name: &'static str) -> Result<Duration, ConfigError> {
+    parsed::<u64>(name).map(Duration::from_millis)
+}
+
+/// Type of the durable queues the services declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+/// Settings shared by the three services.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub service: Service,
+    pub bind_addr: String,
+    pub instance_id: String,
+    pub redis: RedisTarget,
+    pub wait_timeout: Duration,
+    pub amqp_url: String,
+    pub queue_type: QueueType,
+    pub prefetch: u16,
+}
+
+impl Settings {
+    pub fn from_env(service: Service) -> Result<Self, ConfigError> {
+        let instance_id = var("INSTANCE_ID").unwrap_or_else(|| {
+            format!(
+                "{}-{}-{:04x}",
+                service.name(),
+                std::process::id(),
+                rand::random::<u16>()
+            )
+        });
+        let queue_type = match var("AMQP_QUEUE_TYPE").as_deref() {
+            Some("quorum") => QueueType::Quorum,
+            Some("classic") | None => QueueType::Classic,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    name: "AMQP_QUEUE_TYPE",
+                    reason: format!("{other:?} is neither classic nor quorum"),
+                })
+            }
+        };
+        let master = var("REDIS_MASTER_NAME").unwrap_or_else(|| service.name().to_string());
+        Ok(Self {
+            service,
+            bind_addr: var("BIND_ADDR").expect("has a default"),
+            instance_id,
+            redis: redis_target("REDIS_URL", &master)?,
+            wait_timeout: millis("REDIS_WAIT_TIMEOUT_MS")?,
+            amqp_url: var("AMQP_URL").expect("has a default"),
+            queue_type,
+            prefetch: parsed("AMQP_PREFETCH")?,
+        })
+    }
+}
+
+/// Where a store lives: a URL of its own, or a master name behind the shared Sentinels.
+pub fn redis_target(url_var: &'static str, master_name: &str) -> Result<RedisTarget, ConfigError> {
+    if let Some(url) = var(url_var) {
+        return Ok(RedisTarget::Direct { url });
+    }
+    let sentinels: Vec<String> = var("REDIS_SENTINELS")
+        .ok_or(ConfigError::NoRedis)?
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if sentinels.is_empty() {
+        return Err(ConfigError::NoRedis);
+    }
+    Ok(RedisTarget::Sentinel {
+        sentinels,
+        master_name: master_name.to_string(),
+        password: var("REDIS_PASSWORD"),
+        sentinel_password: var("REDIS_SENTINEL_PASSWORD"),
+    })
+}
+
+/// Settings only the order service reads.
+#[derive(Debug, Clone)]
+pub struct OrderSettings {
+    pub saga_redis: RedisTarget,
+    pub stock_url: String,
+    pub step_timeout: Duration,
+    pub saga_lease: Duration,
+}
+
+impl OrderSettings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let saga_master = var("SAGA_REDIS_MASTER_NAME").expect("has a default");
+        Ok(Self {
+            saga_redis: redis_target("SAGA_REDIS_URL", &saga_master)?,
+            stock_url: var("STOCK_URL")
+                .expect("has a default")
+                .trim_end_matches('/')
+                .to_string(),
+            step_timeout: millis("STEP_TIMEOUT_MS")?,
+            saga_lease: millis("SAGA_LEASE_MS")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variable_is_declared_once() {
+        let mut names: Vec<_> = ENV_VARS.iter().map(|v| v.name).collect();
+        names.sort();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len(), "a variable is declared twice");
+    }
+
+    #[test]
+    fn defaults_parse() {
+        for name in ["REDIS_WAIT_TIMEOUT_MS", "STEP_TIMEOUT_MS", "SAGA_LEASE_MS"] {
+            let d = declared(name).default.unwrap();
+            assert!(d.parse::<u64>().is_ok(), "{name}");
+        }
+        assert!(declared("AMQP_PREFETCH")
+            .default
+            .unwrap()
+            .parse::<u16>()
+            .is_ok());
+    }
+}

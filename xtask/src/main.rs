@@ -1,0 +1,4 @@
+mod validate;
+fn main() -> anyhow::Result<()> {
+    validate::run(std::path::Path::new("."))
+}
