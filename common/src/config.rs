@@ -152,6 +152,13 @@ pub const ENV_VARS: &[EnvVar] = &[
         help: "how long a saga waits for a participant's reply before counting the step as failed",
     },
     EnvVar {
+        name: "SAGA_STEPS",
+        default: Some("parallel"),
+        required: false,
+        services: &[Order],
+        help: "parallel: reserve and charge at once; sequential: charge only after the reservation succeeded",
+    },
+    EnvVar {
         name: "SAGA_LEASE_MS",
         default: Some("3000"),
         required: false,
@@ -293,10 +300,18 @@ pub fn redis_target(url_var: &'static str, master_name: &str) -> Result<RedisTar
     })
 }
 
+/// How the orchestrator sends a saga's two steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOrder {
+    Parallel,
+    Sequential,
+}
+
 /// Settings only the order service reads.
 #[derive(Debug, Clone)]
 pub struct OrderSettings {
     pub saga_redis: RedisTarget,
+    pub step_order: StepOrder,
     pub stock_url: String,
     pub step_timeout: Duration,
     pub saga_lease: Duration,
@@ -307,6 +322,16 @@ impl OrderSettings {
         let saga_master = var("SAGA_REDIS_MASTER_NAME").expect("has a default");
         Ok(Self {
             saga_redis: redis_target("SAGA_REDIS_URL", &saga_master)?,
+            step_order: match var("SAGA_STEPS").as_deref() {
+                Some("sequential") => StepOrder::Sequential,
+                Some("parallel") | None => StepOrder::Parallel,
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        name: "SAGA_STEPS",
+                        reason: format!("{other:?} is neither parallel nor sequential"),
+                    })
+                }
+            },
             stock_url: var("STOCK_URL")
                 .expect("has a default")
                 .trim_end_matches('/')

@@ -1,0 +1,303 @@
+//! RabbitMQ plumbing: one connection per process, re-established with backoff
+//! after any loss; durable queues with a dead-letter queue; persistent,
+//! confirmed publishing; consumers that resume on their own.
+//!
+//! Publishing never waits for one confirm before sending the next message:
+//! every caller awaits only its own confirm, so many publishes are in flight
+//! on the shared channel at once (the broker is the scarce resource).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::Confirmation;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
+
+use crate::config::QueueType;
+
+/// Where poison messages end up (bound through the default exchange).
+pub const DEAD_LETTER_QUEUE: &str = "dead-letters";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("broker refused the message (nack)")]
+    Nacked,
+}
+
+impl From<lapin::Error> for BrokerError {
+    fn from(e: lapin::Error) -> Self {
+        BrokerError::Unavailable(e.to_string())
+    }
+}
+
+/// How a queue is declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueKind {
+    /// Survives restarts; undeliverable messages go to [`DEAD_LETTER_QUEUE`].
+    Durable,
+    /// A reply queue of one process: deleted when its connection closes.
+    Private,
+}
+
+struct Live {
+    connection: Connection,
+    publisher: Channel,
+}
+
+/// The process's connection to RabbitMQ.
+pub struct Broker {
+    url: String,
+    queue_type: QueueType,
+    /// Durable queues declared on every (re)connect, so a publish never lands nowhere.
+    durable_queues: Vec<String>,
+    live: Mutex<Option<Live>>,
+}
+
+impl Broker {
+    /// Connecting is lazy; the first publish or consumer connects.
+    pub fn new(url: &str, queue_type: QueueType, durable_queues: &[&str]) -> Arc<Self> {
+        Arc::new(Self {
+            url: url.to_string(),
+            queue_type,
+            durable_queues: durable_queues.iter().map(|q| q.to_string()).collect(),
+            live: Mutex::new(None),
+        })
+    }
+
+    /// True while the connection is up (readiness). Tries to connect when it is not.
+    pub async fn is_ready(&self) -> bool {
+        self.publisher().await.is_ok()
+    }
+
+    /// The shared confirm-mode channel, connecting first when needed.
+    async fn publisher(&self) -> Result<Channel, BrokerError> {
+        let mut live = self.live.lock().await;
+        if let Some(l) = live.as_ref() {
+            if l.connection.status().connected() && l.publisher.status().connected() {
+                return Ok(l.publisher.clone());
+            }
+        }
+        *live = None;
+        let connection = tokio::time::timeout(
+            Duration::from_secs(5),
+            Connection::connect(&self.url, ConnectionProperties::default()),
+        )
+        .await
+        .map_err(|_| BrokerError::Unavailable("connect timed out".into()))??;
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        declare(
+            &publisher,
+            DEAD_LETTER_QUEUE,
+            QueueKind::Durable,
+            self.queue_type,
+            false,
+        )
+        .await?;
+        for queue in &self.durable_queues {
+            declare(&publisher, queue, QueueKind::Durable, self.queue_type, true).await?;
+        }
+        tracing::info!("connected to the broker");
+        *live = Some(Live {
+            connection,
+            publisher: publisher.clone(),
+        });
+        Ok(publisher)
+    }
+
+    async fn connection_channel(&self) -> Result<Channel, BrokerError> {
+        self.publisher().await?;
+        let live = self.live.lock().await;
+        let l = live
+            .as_ref()
+            .ok_or_else(|| BrokerError::Unavailable("connection lost".into()))?;
+        Ok(l.connection.create_channel().await?)
+    }
+
+    /// Publishes one persistent message to `queue` and waits for the broker's confirm.
+    pub async fn publish(
+        &self,
+        queue: &str,
+        reply_to: Option<&str>,
+        body: &[u8],
+    ) -> Result<(), BrokerError> {
+        let channel = self.publisher().await?;
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(ShortString::from("application/json"));
+        if let Some(reply_to) = reply_to {
+            properties = properties.with_reply_to(ShortString::from(reply_to));
+        }
+        let confirm = async {
+            channel
+                .basic_publish(
+                    ShortString::from(""),
+                    ShortString::from(queue),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        match tokio::time::timeout(Duration::from_secs(10), confirm).await {
+            Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
+            Ok(Ok(Confirmation::Nack(_))) => Err(BrokerError::Nacked),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(BrokerError::Unavailable("publish confirm timed out".into())),
+        }
+    }
+
+    /// [`Broker::publish`], retried with backoff (reconnecting) for up to `budget`.
+    pub async fn publish_retrying(
+        &self,
+        queue: &str,
+        reply_to: Option<&str>,
+        body: &[u8],
+        budget: Duration,
+    ) -> Result<(), BrokerError> {
+        let started = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.publish(queue, reply_to, body).await {
+                Ok(()) => return Ok(()),
+                Err(e) if started.elapsed() + backoff >= budget => return Err(e),
+                Err(e) => {
+                    metrics::counter!("broker_publish_retries_total").increment(1);
+                    tracing::warn!(error = %e, queue, "publish failed, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Consumes `queue` for the life of the process, reconnecting after any
+    /// loss. Each delivery is handed to `handler` on its own task; the handler
+    /// acknowledges it (after its effect is committed).
+    pub async fn consume<F, Fut>(
+        self: Arc<Self>,
+        queue: String,
+        kind: QueueKind,
+        prefetch: u16,
+        handler: F,
+    ) where
+        F: Fn(lapin::message::Delivery) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.open_consumer(&queue, kind, prefetch).await {
+                Ok(mut consumer) => {
+                    backoff = Duration::from_millis(200);
+                    tracing::info!(queue, "consuming");
+                    while let Some(delivery) = consumer.next().await {
+                        match delivery {
+                            Ok(delivery) => {
+                                if delivery.redelivered {
+                                    metrics::counter!("broker_redelivered_total", "queue" => queue.clone())
+                                        .increment(1);
+                                }
+                                tokio::spawn(handler(delivery));
+                            }
+                            Err(e) => {
+                                tracing::warn!(queue, error = %e, "consumer stopped");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(queue, error = %e, "cannot consume yet"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(3));
+        }
+    }
+
+    async fn open_consumer(
+        &self,
+        queue: &str,
+        kind: QueueKind,
+        prefetch: u16,
+    ) -> Result<lapin::Consumer, BrokerError> {
+        let channel = self.connection_channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        declare(&channel, queue, kind, self.queue_type, true).await?;
+        let consumer = channel
+            .basic_consume(
+                ShortString::from(queue),
+                ShortString::from(""),
+                BasicConsumeOptions {
+                    no_ack: kind == QueueKind::Private,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(consumer)
+    }
+}
+
+async fn declare(
+    channel: &Channel,
+    queue: &str,
+    kind: QueueKind,
+    queue_type: QueueType,
+    dead_lettered: bool,
+) -> Result<(), BrokerError> {
+    let mut args = FieldTable::default();
+    let options = match kind {
+        QueueKind::Durable => {
+            if dead_lettered {
+                args.insert(
+                    ShortString::from("x-dead-letter-exchange"),
+                    AMQPValue::LongString(LongString::from("")),
+                );
+                args.insert(
+                    ShortString::from("x-dead-letter-routing-key"),
+                    AMQPValue::LongString(LongString::from(DEAD_LETTER_QUEUE)),
+                );
+            }
+            if queue_type == QueueType::Quorum {
+                args.insert(
+                    ShortString::from("x-queue-type"),
+                    AMQPValue::LongString(LongString::from("quorum")),
+                );
+                if dead_lettered {
+                    // A message that keeps failing is dead-lettered rather than looping forever.
+                    args.insert(
+                        ShortString::from("x-delivery-limit"),
+                        AMQPValue::LongInt(20),
+                    );
+                }
+            }
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            }
+        }
+        QueueKind::Private => QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        },
+    };
+    channel
+        .queue_declare(ShortString::from(queue), options, args)
+        .await?;
+    Ok(())
+}

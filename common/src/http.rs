@@ -1,0 +1,94 @@
+//! What every service's HTTP server has besides its business routes:
+//! `/health`, `/ready`, `/metrics`, JSON answers for unknown routes and
+//! methods, request metrics, and a graceful shutdown.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::error::ApiError;
+
+/// Answers `Ok` when every dependency the service needs is reachable, else says which is not.
+pub type ReadinessProbe =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// Adds the operational endpoints, the JSON fallbacks and request metrics to `business`.
+pub fn with_ops(business: Router, ready: ReadinessProbe, metrics: PrometheusHandle) -> Router {
+    let ops = Router::new()
+        .route(
+            "/health",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route(
+            "/ready",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    match ready().await {
+                        Ok(()) => (StatusCode::OK, Json(serde_json::json!({"status": "ready"})))
+                            .into_response(),
+                        Err(why) => ApiError::Unavailable(why).into_response(),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        );
+    business
+        .merge(ops)
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(|| async {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                Json(serde_json::json!({"error": "method not allowed on this path"})),
+            )
+        })
+        .layer(axum::middleware::from_fn(crate::telemetry::track_http))
+}
+
+/// A path with an empty segment (`/add/7/`) is malformed input: 400. Anything else unknown: 404.
+async fn unknown_route(uri: Uri) -> Response {
+    let path = uri.path();
+    let empty_segment = path.len() > 1 && (path.ends_with('/') || path.contains("//"));
+    if empty_segment {
+        ApiError::BadRequest(format!("{path}: a path segment is empty")).into_response()
+    } else {
+        ApiError::NotFound(format!("no such endpoint: {path}")).into_response()
+    }
+}
+
+/// Serves `app` on `bind_addr` until SIGTERM or Ctrl-C, then lets in-flight requests finish.
+pub async fn serve(app: Router, bind_addr: &str) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(bind_addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

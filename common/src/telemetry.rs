@@ -1,0 +1,59 @@
+//! Logs (tracing) and metrics (Prometheus text via the `metrics` facade).
+//!
+//! Request metrics are recorded by one middleware, by route template rather
+//! than raw path, so `/find/{item_id}` is one series and not one per item.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+/// Installs the tracing subscriber; `LOG_FORMAT=json` for machine-read logs.
+pub fn init_logging() {
+    let filter = EnvFilter::try_new(crate::config::var("RUST_LOG").unwrap_or_default())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let json = crate::config::var("LOG_FORMAT").as_deref() == Some("json");
+    // Tests call this more than once per process: only the first install counts.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Installs the global metrics recorder and returns the handle that renders `/metrics`.
+pub fn init_metrics() -> PrometheusHandle {
+    let buckets = [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    let recorder = PrometheusBuilder::new()
+        .set_buckets(&buckets)
+        .expect("bucket list is not empty")
+        .build_recorder();
+    let handle = recorder.handle();
+    // A second install (tests running several apps in one process) keeps the first recorder.
+    let _ = metrics::set_global_recorder(recorder);
+    handle
+}
+
+/// Counts requests and observes their latency by method, route and status.
+pub async fn track_http(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = request.method().to_string();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status.clone())
+        .increment(1);
+    metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route, "status" => status)
+        .record(started.elapsed().as_secs_f64());
+    response
+}

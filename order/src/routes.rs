@@ -1,0 +1,99 @@
+//! The order HTTP API (see API.md): every number in a path is parsed here,
+//! so bad input is refused before anything touches a store.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use common::error::ApiError;
+use common::types::{parse_batch_size, Amount, ItemId, OrderId, UserId};
+
+use crate::orders::Order;
+use crate::saga::{CheckoutOutcome, Orchestrator};
+use crate::stock_client::StockClient;
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+pub struct AppState {
+    pub saga: Arc<Orchestrator>,
+    pub stock: StockClient,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/create/{user_id}", post(create))
+        .route(
+            "/batch_init/{n}/{n_items}/{n_users}/{item_price}",
+            post(batch_init),
+        )
+        .route("/find/{order_id}", get(find))
+        .route("/addItem/{order_id}/{item_id}/{quantity}", post(add_item))
+        .route("/checkout/{order_id}", post(checkout))
+        .with_state(state)
+}
+
+fn view(id: &OrderId, order: &Order) -> Json<Value> {
+    Json(json!({
+        "order_id": id,
+        "paid": order.paid,
+        "items": order.items,
+        "user_id": order.user_id,
+        "total_cost": order.total_cost,
+    }))
+}
+
+async fn create(State(s): State<Arc<AppState>>, Path(user): Path<String>) -> Result<Json<Value>> {
+    let user = UserId::parse(&user)?;
+    let id = s.saga.orders.create(user).await?;
+    Ok(Json(json!({ "order_id": id })))
+}
+
+async fn batch_init(
+    State(s): State<Arc<AppState>>,
+    Path((n, n_items, n_users, price)): Path<(String, String, String, String)>,
+) -> Result<Json<Value>> {
+    let n = parse_batch_size("n", &n)?;
+    let n_items = parse_batch_size("n_items", &n_items)?;
+    let n_users = parse_batch_size("n_users", &n_users)?;
+    let price = Amount::parse("item_price", &price)?;
+    s.saga.orders.batch_init(n, n_items, n_users, price).await?;
+    Ok(Json(
+        json!({ "msg": format!("batch init for {n} orders successful") }),
+    ))
+}
+
+async fn find(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Value>> {
+    let id = OrderId::parse(&id)?;
+    let order = s.saga.orders.find(&id).await?;
+    Ok(view(&id, &order))
+}
+
+async fn add_item(
+    State(s): State<Arc<AppState>>,
+    Path((id, item, quantity)): Path<(String, String, String)>,
+) -> Result<Json<Value>> {
+    let id = OrderId::parse(&id)?;
+    let item = ItemId::parse(&item)?;
+    let quantity = Amount::parse_positive("quantity", &quantity)?;
+    // Check the order first: an unknown order is a 404 whatever the item.
+    let order = s.saga.orders.find(&id).await?;
+    if order.paid {
+        return Err(ApiError::BadRequest(format!("order {id} is already paid")));
+    }
+    let price = s.stock.price(&item).await?;
+    let order = s.saga.orders.add_item(&id, &item, quantity, price).await?;
+    Ok(view(&id, &order))
+}
+
+async fn checkout(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Value>> {
+    let id = OrderId::parse(&id)?;
+    match s.saga.checkout(&id).await? {
+        CheckoutOutcome::Paid => Ok(Json(json!({ "order_id": id, "paid": true }))),
+        CheckoutOutcome::Refused(reason) => {
+            Err(ApiError::BadRequest(format!("checkout refused: {reason}")))
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Items in the stock store: `item:<id>` is a hash with `stock` and `price`.
+//! Stock changes and saga steps go through [`Counters`], which makes every
+//! one of them a WATCH/MULTI/EXEC transaction recorded per saga.
+
+use std::sync::Arc;
+
+use common::counters::Counters;
+use common::error::ApiError;
+use common::messages::{Action, Command, Line, Outcome};
+use common::participant::Ledger;
+use common::redis_store::{Store, StoreError};
+use common::types::{Amount, ItemId};
+use serde::Serialize;
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Item {
+    pub stock: Amount,
+    pub price: Amount,
+}
+
+/// Items written per pipeline by `batch_init`.
+const BATCH_CHUNK: i64 = 1000;
+
+pub struct Items {
+    pub counters: Counters,
+}
+
+impl Items {
+    pub fn new(store: Arc<Store>) -> Self {
+        Self {
+            counters: Counters::new(store, "item", "stock"),
+        }
+    }
+
+    fn store(&self) -> &Store {
+        &self.counters.store
+    }
+
+    pub async fn create(&self, price: Amount) -> Result<ItemId, ApiError> {
+        let id = ItemId::new_random();
+        let mut writes = redis::pipe();
+        writes
+            .hset_multiple(
+                self.counters.key(id.as_str()),
+                &[("stock", 0), ("price", price.get())],
+            )
+            .ignore();
+        self.store().write(&writes).await?;
+        Ok(id)
+    }
+
+    /// Creates (or overwrites) items `"0"`..`"n-1"`, in pipelined chunks.
+    pub async fn batch_init(&self, n: i64, stock: Amount, price: Amount) -> Result<(), ApiError> {
+        let mut start = 0;
+        while start < n {
+            let end = (start + BATCH_CHUNK).min(n);
+            let mut writes = redis::pipe();
+            for i in start..end {
+                writes
+                    .hset_multiple(
+                        self.counters.key(&i.to_string()),
+                        &[("stock", stock.get()), ("price", price.get())],
+                    )
+                    .ignore();
+            }
+            self.store().write(&writes).await?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    pub async fn find(&self, id: &ItemId) -> Result<Item, ApiError> {
+        let key = self.counters.key(id.as_str());
+        let (stock, price): (Option<i64>, Option<i64>) = self
+            .store()
+            .query(redis::cmd("HMGET").arg(&key).arg("stock").arg("price"))
+            .await?;
+        match (stock, price) {
+            (Some(stock), Some(price)) => Ok(Item {
+                stock: Amount::new(stock)
+                    .ok_or_else(|| StoreError::corrupt(&key, "negative stock"))?,
+                price: Amount::new(price)
+                    .ok_or_else(|| StoreError::corrupt(&key, "negative price"))?,
+            }),
+            _ => Err(ApiError::NotFound(format!("item {id} not found"))),
+        }
+    }
+}
+
+fn as_counter_lines(lines: &[Line]) -> Vec<(String, Amount)> {
+    lines
+        .iter()
+        .map(|l| (l.item_id.as_str().to_string(), l.quantity))
+        .collect()
+}
+
+impl Ledger for Items {
+    async fn apply(&self, command: &Command) -> Result<Outcome, StoreError> {
+        match &command.action {
+            Action::Reserve { lines } => {
+                self.counters
+                    .take(command.saga_id, &as_counter_lines(lines))
+                    .await
+            }
+            Action::Release { lines } => {
+                self.counters
+                    .give_back(command.saga_id, &as_counter_lines(lines))
+                    .await
+            }
+            other => Ok(Outcome::Refused {
+                reason: format!("the stock service does not handle {:?}", other.step()),
+            }),
+        }
+    }
+}
