@@ -19,6 +19,10 @@ pub struct Order {
     /// One line per item: adding an item that is already there sums the quantities.
     pub items: Vec<(ItemId, Amount)>,
     pub total_cost: Amount,
+    /// New each time the order is (re)created: `batch_init` may overwrite a
+    /// paid order with an unpaid one, and its checkout must then be a new
+    /// checkout, not a replay of the old one (see `saga_store`).
+    pub incarnation: String,
 }
 
 impl Order {
@@ -28,6 +32,7 @@ impl Order {
             paid: false,
             items: Vec::new(),
             total_cost: Amount::ZERO,
+            incarnation: uuid::Uuid::new_v4().simple().to_string(),
         }
     }
 
@@ -203,10 +208,12 @@ impl Orders {
         .await
     }
 
-    /// Marks the order paid (idempotent).
-    pub async fn mark_paid(&self, id: &OrderId) -> Result<(), ApiError> {
+    /// Marks the order paid (idempotent), unless it was re-created since
+    /// `incarnation` (then the saga paid for an order that no longer exists).
+    pub async fn mark_paid(&self, id: &OrderId, incarnation: &str) -> Result<(), ApiError> {
         self.update(id, |order| {
-            Ok((!order.paid).then(|| Order {
+            let current = order.incarnation == incarnation;
+            Ok((current && !order.paid).then(|| Order {
                 paid: true,
                 ..order
             }))

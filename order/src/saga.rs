@@ -126,6 +126,7 @@ impl Orchestrator {
         let saga = SagaRecord {
             id: SagaId::new(),
             order_id: order_id.clone(),
+            incarnation: order.incarnation.clone(),
             user_id: order.user_id.clone(),
             lines: order.lines(),
             total: order.total_cost,
@@ -211,7 +212,7 @@ impl Orchestrator {
     ) -> Result<CheckoutOutcome, ApiError> {
         match state {
             SagaState::Committed => {
-                self.orders.mark_paid(&saga.order_id).await?;
+                self.orders.mark_paid(&saga.order_id, &saga.incarnation).await?;
                 self.sagas.finish(saga, state).await?;
                 metrics::counter!("saga_outcomes_total", "outcome" => "committed").increment(1);
                 Ok(CheckoutOutcome::Paid)

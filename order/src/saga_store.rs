@@ -1,11 +1,12 @@
 //! The saga log in the saga store (its own Sentinel-managed Redis).
 //!
 //! Keys:
-//! - `checkout:<order>` → the id of the saga that currently owns the order's
-//!   checkout. Set when a saga begins (so a second checkout of the same order
+//! - `checkout:<order>:<incarnation>` → the id of the saga that currently
+//!   owns the order's checkout. Set when a saga begins (so a second checkout of the same order
 //!   joins it instead of starting another); deleted when an aborted saga has
 //!   finished compensating (so the order may be checked out again); kept
-//!   after a commit (the order is paid).
+//!   for a week after a commit, so a checkout that read the order before it
+//!   was marked paid joins the committed saga instead of charging again.
 //! - `saga:<id>` → hash: `order`, `user`, `lines` (JSON), `total`, `state`.
 //! - `lease:<id>` → the instance driving the saga, with a TTL its owner
 //!   renews. A saga without a lease has lost its owner.
@@ -25,9 +26,12 @@ use crate::saga::SagaState;
 
 const ACTIVE: &str = "sagas:active";
 
-fn checkout_key(order: &OrderId) -> String {
-    format!("checkout:{order}")
+fn checkout_key(saga: &SagaRecord) -> String {
+    format!("checkout:{}:{}", saga.order_id, saga.incarnation)
 }
+
+/// How long a committed saga's claim on its order is kept.
+const COMMITTED_CLAIM_TTL_SECS: i64 = 7 * 24 * 3600;
 
 fn saga_key(id: SagaId) -> String {
     format!("saga:{id}")
@@ -42,6 +46,8 @@ fn lease_key(id: SagaId) -> String {
 pub struct SagaRecord {
     pub id: SagaId,
     pub order_id: OrderId,
+    /// The order's incarnation the saga was begun for.
+    pub incarnation: String,
     pub user_id: UserId,
     pub lines: Vec<Line>,
     pub total: Amount,
@@ -70,7 +76,7 @@ impl SagaStore {
         owner: &str,
         lease: Duration,
     ) -> Result<Begin, StoreError> {
-        let checkout = checkout_key(&saga.order_id);
+        let checkout = checkout_key(saga);
         let checkout = &checkout;
         let lines = serde_json::to_string(&saga.lines).expect("lines serialize");
         let lines = &lines;
@@ -93,6 +99,7 @@ impl SagaStore {
                                 saga_key(saga.id),
                                 &[
                                     ("order", saga.order_id.to_string()),
+                                    ("incarnation", saga.incarnation.clone()),
                                     ("user", saga.user_id.to_string()),
                                     ("lines", lines.clone()),
                                     ("total", saga.total.to_string()),
@@ -131,6 +138,7 @@ impl SagaStore {
         let record = SagaRecord {
             id,
             order_id: OrderId::parse(field("order")?).map_err(|e| bad(e.to_string()))?,
+            incarnation: field("incarnation")?.clone(),
             user_id: UserId::parse(field("user")?).map_err(|e| bad(e.to_string()))?,
             lines: serde_json::from_str(field("lines")?).map_err(|e| bad(e.to_string()))?,
             total: field("total")?
@@ -174,7 +182,7 @@ impl SagaStore {
 
     /// Marks the saga finished. An aborted saga also frees its order for a new checkout.
     pub async fn finish(&self, saga: &SagaRecord, state: SagaState) -> Result<(), StoreError> {
-        let checkout = checkout_key(&saga.order_id);
+        let checkout = checkout_key(saga);
         let checkout = &checkout;
         let id = saga.id.to_string();
         let id = &id;
@@ -189,8 +197,12 @@ impl SagaStore {
                         .ignore()
                         .del(lease_key(saga.id))
                         .ignore();
-                    if state == SagaState::Aborted && current.as_deref() == Some(id.as_str()) {
-                        writes.del(checkout).ignore();
+                    if current.as_deref() == Some(id.as_str()) {
+                        if state == SagaState::Aborted {
+                            writes.del(checkout).ignore();
+                        } else {
+                            writes.expire(checkout, COMMITTED_CLAIM_TTL_SECS).ignore();
+                        }
                     }
                     Tx::Commit(writes, ())
                 });
