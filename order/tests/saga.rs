@@ -4,9 +4,11 @@
 //! fleet sharing the broker) never see each other's messages.
 //!
 //! The broker is `TEST_AMQP_URL` (`cargo xtask test` points it at the
-//! fleet's node); without it, a private node is started for this run.
+//! fleet's node); without it, a private node is started for the run. The
+//! scenarios run one after another inside a single test so that such a node
+//! is stopped when they end (a node kept in a static would outlive them).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::broker::{Broker, QueueKind};
@@ -17,25 +19,27 @@ use common::types::{Amount, ItemId, SagaId};
 use serde_json::Value;
 use xtask::{free_port, RabbitNode, RedisServer, ScratchDir};
 
-/// The broker for this test binary: from the environment or started once.
-fn amqp_url() -> String {
-    static BROKER: OnceLock<(String, Option<RabbitNode>, Option<ScratchDir>)> = OnceLock::new();
-    BROKER
-        .get_or_init(|| {
-            if let Ok(url) = std::env::var("TEST_AMQP_URL") {
-                return (url, None, None);
-            }
-            let dir = ScratchDir::new("saga-test-broker").unwrap();
-            let node =
-                RabbitNode::start(dir.path(), "sagatest@localhost", free_port(), free_port())
-                    .expect("start a private RabbitMQ node (or set TEST_AMQP_URL)");
-            (node.amqp_url(), Some(node), Some(dir))
-        })
-        .0
-        .clone()
+/// A broker of the run's own, when `TEST_AMQP_URL` does not name one.
+struct TestBroker {
+    url: String,
+    _node: Option<(RabbitNode, ScratchDir)>,
+}
+
+fn test_broker() -> TestBroker {
+    if let Ok(url) = std::env::var("TEST_AMQP_URL") {
+        return TestBroker { url, _node: None };
+    }
+    let dir = ScratchDir::new("saga-test-broker").unwrap();
+    let node = RabbitNode::start(dir.path(), "sagatest@localhost", free_port(), free_port())
+        .expect("start a private RabbitMQ node (or set TEST_AMQP_URL)");
+    TestBroker {
+        url: node.amqp_url(),
+        _node: Some((node, dir)),
+    }
 }
 
 struct Fleet {
+    amqp: String,
     stock: String,
     payment: String,
     order: String,
@@ -60,8 +64,8 @@ fn settings(service: Service, redis: &RedisServer, db: u8, amqp: &str) -> Settin
     }
 }
 
-async fn fleet() -> Fleet {
-    let amqp = amqp_url();
+async fn fleet(amqp: &str) -> Fleet {
+    let amqp = amqp.to_string();
     let dir = ScratchDir::new("saga-test").unwrap();
     let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
     let tag = uuid::Uuid::new_v4().simple().to_string();
@@ -100,6 +104,7 @@ async fn fleet() -> Fleet {
     .spawn()
     .await;
     let fleet = Fleet {
+        amqp,
         stock,
         payment,
         order,
@@ -193,9 +198,8 @@ impl Fleet {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_checkout_takes_stock_and_credit_and_marks_the_order_paid() {
-    let f = fleet().await;
+async fn a_checkout_takes_stock_and_credit_and_marks_the_order_paid(amqp: &str) {
+    let f = fleet(amqp).await;
     let item = f.item(5, 3).await;
     let user = f.user(10).await;
     let order = f.order(&user, &[(&item, 2)]).await;
@@ -209,9 +213,8 @@ async fn a_checkout_takes_stock_and_credit_and_marks_the_order_paid() {
     assert_eq!(f.stock_of(&item).await, 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_step_is_compensated_and_nothing_stays_taken() {
-    let f = fleet().await;
+async fn a_refused_step_is_compensated_and_nothing_stays_taken(amqp: &str) {
+    let f = fleet(amqp).await;
     let a = f.item(5, 1).await;
     let b = f.item(1, 1).await;
     let rich = f.user(100).await;
@@ -229,9 +232,8 @@ async fn a_refused_step_is_compensated_and_nothing_stays_taken() {
     assert!(!f.paid(&short).await && !f.paid(&broke).await);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_checkouts_of_one_order_charge_it_once() {
-    let f = Arc::new(fleet().await);
+async fn concurrent_checkouts_of_one_order_charge_it_once(amqp: &str) {
+    let f = Arc::new(fleet(amqp).await);
     let item = f.item(10, 2).await;
     let user = f.user(100).await;
     let order = f.order(&user, &[(&item, 1)]).await;
@@ -253,7 +255,7 @@ async fn concurrent_checkouts_of_one_order_charge_it_once() {
 /// Sends `command` straight to the stock queue `times` times, as a broker
 /// redelivery would, and returns the replies.
 async fn deliver(f: &Fleet, command: &Command, times: usize) -> Vec<Outcome> {
-    let broker = Broker::new(&amqp_url(), QueueType::Classic, &[]);
+    let broker = Broker::new(&f.amqp, QueueType::Classic, &[]);
     let reply_queue = format!("test.replies.{}", uuid::Uuid::new_v4().simple());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(broker.clone().consume(
@@ -284,9 +286,8 @@ async fn deliver(f: &Fleet, command: &Command, times: usize) -> Vec<Outcome> {
     outcomes
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_delivered_twice_over_the_broker_applies_once() {
-    let f = fleet().await;
+async fn a_command_delivered_twice_over_the_broker_applies_once(amqp: &str) {
+    let f = fleet(amqp).await;
     let item = f.item(10, 1).await;
     let reserve = Command {
         saga_id: SagaId::new(),
@@ -302,9 +303,8 @@ async fn a_command_delivered_twice_over_the_broker_applies_once() {
     assert_eq!(f.stock_of(&item).await, 6);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_command_after_its_compensation_is_refused_over_the_broker() {
-    let f = fleet().await;
+async fn a_late_command_after_its_compensation_is_refused_over_the_broker(amqp: &str) {
+    let f = fleet(amqp).await;
     let item = f.item(10, 1).await;
     let saga_id = SagaId::new();
     let lines = vec![Line {
@@ -325,4 +325,19 @@ async fn a_late_command_after_its_compensation_is_refused_over_the_broker() {
     let late = deliver(&f, &reserve, 1).await;
     assert!(matches!(late[0], Outcome::Refused { .. }), "{late:?}");
     assert_eq!(f.stock_of(&item).await, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saga_scenarios() {
+    let broker = test_broker();
+    println!("scenario: a_checkout_takes_stock_and_credit_and_marks_the_order_paid");
+    a_checkout_takes_stock_and_credit_and_marks_the_order_paid(&broker.url).await;
+    println!("scenario: a_refused_step_is_compensated_and_nothing_stays_taken");
+    a_refused_step_is_compensated_and_nothing_stays_taken(&broker.url).await;
+    println!("scenario: concurrent_checkouts_of_one_order_charge_it_once");
+    concurrent_checkouts_of_one_order_charge_it_once(&broker.url).await;
+    println!("scenario: a_command_delivered_twice_over_the_broker_applies_once");
+    a_command_delivered_twice_over_the_broker_applies_once(&broker.url).await;
+    println!("scenario: a_late_command_after_its_compensation_is_refused_over_the_broker");
+    a_late_command_after_its_compensation_is_refused_over_the_broker(&broker.url).await;
 }
