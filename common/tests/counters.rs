@@ -55,12 +55,24 @@ async fn the_same_take_delivered_twice_applies_once() {
     seed(&f.counters, "a", 10).await;
     let saga = SagaId::new();
     let lines = [("a".to_string(), amount(3))];
-    assert_eq!(f.counters.take(saga, &lines).await.unwrap(), Outcome::Applied);
-    assert_eq!(f.counters.take(saga, &lines).await.unwrap(), Outcome::Applied);
+    assert_eq!(
+        f.counters.take(saga, &lines).await.unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(
+        f.counters.take(saga, &lines).await.unwrap(),
+        Outcome::Applied
+    );
     assert_eq!(stock_of(&f.counters, "a").await, 7);
     // And the compensation, twice, gives back once.
-    assert_eq!(f.counters.give_back(saga, &lines).await.unwrap(), Outcome::Applied);
-    assert_eq!(f.counters.give_back(saga, &lines).await.unwrap(), Outcome::Applied);
+    assert_eq!(
+        f.counters.give_back(saga, &lines).await.unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(
+        f.counters.give_back(saga, &lines).await.unwrap(),
+        Outcome::Applied
+    );
     assert_eq!(stock_of(&f.counters, "a").await, 10);
 }
 
@@ -70,7 +82,10 @@ async fn a_compensation_before_its_command_leaves_a_tombstone() {
     seed(&f.counters, "a", 10).await;
     let saga = SagaId::new();
     let lines = [("a".to_string(), amount(4))];
-    assert_eq!(f.counters.give_back(saga, &lines).await.unwrap(), Outcome::Applied);
+    assert_eq!(
+        f.counters.give_back(saga, &lines).await.unwrap(),
+        Outcome::Applied
+    );
     assert_eq!(stock_of(&f.counters, "a").await, 10, "nothing to give back");
     let late = f.counters.take(saga, &lines).await.unwrap();
     assert!(matches!(late, Outcome::Refused { .. }), "{late:?}");
@@ -85,7 +100,10 @@ async fn a_reservation_with_one_short_line_takes_nothing() {
     let saga = SagaId::new();
     let lines = [("a".to_string(), amount(5)), ("b".to_string(), amount(2))];
     let outcome = f.counters.take(saga, &lines).await.unwrap();
-    assert!(matches!(outcome, Outcome::Refused { ref reason } if reason.contains("b")), "{outcome:?}");
+    assert!(
+        matches!(outcome, Outcome::Refused { ref reason } if reason.contains("b")),
+        "{outcome:?}"
+    );
     assert_eq!(stock_of(&f.counters, "a").await, 10);
     assert_eq!(stock_of(&f.counters, "b").await, 1);
     // The refusal is recorded: a redelivery answers the same.

@@ -15,15 +15,25 @@ async fn writes_resume_after_the_master_is_killed_and_none_acknowledged_is_lost(
     let dir = ScratchDir::new("failover-test").unwrap();
     let mut master = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
     let replica = RedisServer::start(dir.path(), free_port(), Some(master.port()), None).unwrap();
-    replica.wait_replica_synced(Duration::from_secs(10)).unwrap();
+    replica
+        .wait_replica_synced(Duration::from_secs(10))
+        .unwrap();
     let sentinels: Vec<Sentinel> = (0..3)
         .map(|_| {
-            Sentinel::start(dir.path(), free_port(), &[("data", master.port())], 2, 1000, 3000)
-                .unwrap()
+            Sentinel::start(
+                dir.path(),
+                free_port(),
+                &[("data", master.port())],
+                2,
+                1000,
+                3000,
+            )
+            .unwrap()
         })
         .collect();
     for s in &sentinels {
-        s.wait_monitoring(&["data"], 1, 2, Duration::from_secs(20)).unwrap();
+        s.wait_monitoring(&["data"], 1, 2, Duration::from_secs(20))
+            .unwrap();
     }
     let target = RedisTarget::Sentinel {
         sentinels: sentinels.iter().map(|s| s.addr()).collect(),
@@ -68,7 +78,10 @@ async fn writes_resume_after_the_master_is_killed_and_none_acknowledged_is_lost(
         .unwrap();
     // Every acknowledged increment is there. (A write whose answer was lost in
     // the failover may have landed too, so the count may be higher, never lower.)
-    assert!(credit >= acknowledged, "{credit} < {acknowledged} acknowledged");
+    assert!(
+        credit >= acknowledged,
+        "{credit} < {acknowledged} acknowledged"
+    );
     assert_eq!(
         sentinels[0].master_port("data").unwrap(),
         Some(replica.port()),

@@ -212,7 +212,9 @@ impl Orchestrator {
     ) -> Result<CheckoutOutcome, ApiError> {
         match state {
             SagaState::Committed => {
-                self.orders.mark_paid(&saga.order_id, &saga.incarnation).await?;
+                self.orders
+                    .mark_paid(&saga.order_id, &saga.incarnation)
+                    .await?;
                 self.sagas.finish(saga, state).await?;
                 metrics::counter!("saga_outcomes_total", "outcome" => "committed").increment(1);
                 Ok(CheckoutOutcome::Paid)

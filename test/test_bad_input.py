@@ -1,0 +1,158 @@
+"""Bad numbers in every numeric path segment of every endpoint.
+
+API.md: amounts, prices, quantities and counts are non-negative integers that fit
+in i64. A negative number, `1.5`, `abc`, `99999999999999999999` or an empty
+segment is a 400 with a JSON `{"error": ...}` body, never a 5xx, and nothing is
+written. For each endpoint the test sets up a known state, sends the bad request
+and reads the state back.
+
+An empty segment is tested where it can be seen as one: as the last segment
+(`/stock/add/<id>/`). An empty segment in the middle (`/stock/batch_init//5/1`)
+may be folded away by the gateway (nginx merges slashes) and then reaches no
+route at all, so there only "4xx and nothing written" is required.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytest
+
+from gateway_client import Api, assert_error, describe, expect_ok
+
+BAD_VALUES = {
+    "negative": "-1",
+    "fractional": "1.5",
+    "non-numeric": "abc",
+    "overflow": "99999999999999999999",
+    "empty": "",
+}
+
+
+def _read(api: Api, path: str) -> tuple[int, Any]:
+    r = api.get(path)
+    try:
+        body = r.json()
+    except ValueError:
+        body = r.text
+    return r.status_code, body
+
+
+@dataclass
+class Endpoint:
+    name: str
+    segments: list[str]  # names of the numeric segments, in path order
+    good: list[str]  # valid values for them (used when another one is bad)
+    # setup(api) -> (build(values) -> path, snapshot() -> comparable state)
+    setup: Callable[[Api], tuple[Callable[[list[str]], str], Callable[[], Any]]]
+
+
+def _item_create(api: Api):
+    return (lambda v: f"/stock/item/create/{v[0]}"), (lambda: None)
+
+
+def _stock_batch_init(api: Api):
+    api.stock_batch_init(3, 11, 13)
+    return (
+        lambda v: f"/stock/batch_init/{v[0]}/{v[1]}/{v[2]}",
+        lambda: [_read(api, f"/stock/find/{i}") for i in range(4)],
+    )
+
+
+def _stock_op(op: str):
+    def setup(api: Api):
+        item_id = api.create_item(price=2, stock=5)
+        return (
+            lambda v: f"/stock/{op}/{item_id}/{v[0]}",
+            lambda: _read(api, f"/stock/find/{item_id}"),
+        )
+
+    return setup
+
+
+def _payment_batch_init(api: Api):
+    api.payment_batch_init(3, 23)
+    return (
+        lambda v: f"/payment/batch_init/{v[0]}/{v[1]}",
+        lambda: [_read(api, f"/payment/find_user/{i}") for i in range(4)],
+    )
+
+
+def _payment_op(op: str):
+    def setup(api: Api):
+        user_id = api.create_user(credit=5)
+        return (
+            lambda v: f"/payment/{op}/{user_id}/{v[0]}",
+            lambda: _read(api, f"/payment/find_user/{user_id}"),
+        )
+
+    return setup
+
+
+def _orders_batch_init(api: Api):
+    api.orders_batch_init(3, 3, 3, 13)
+    return (
+        lambda v: f"/orders/batch_init/{v[0]}/{v[1]}/{v[2]}/{v[3]}",
+        lambda: [_read(api, f"/orders/find/{i}") for i in range(4)],
+    )
+
+
+def _add_item(api: Api):
+    item_id = api.create_item(price=3, stock=10)
+    user_id = api.create_user(credit=0)
+    order_id = api.create_order(user_id, [(item_id, 1)])
+    return (
+        lambda v: f"/orders/addItem/{order_id}/{item_id}/{v[0]}",
+        lambda: _read(api, f"/orders/find/{order_id}"),
+    )
+
+
+ENDPOINTS = [
+    Endpoint("stock_item_create", ["price"], ["5"], _item_create),
+    Endpoint("stock_batch_init", ["n", "starting_stock", "item_price"], ["4", "17", "19"], _stock_batch_init),
+    Endpoint("stock_add", ["amount"], ["1"], _stock_op("add")),
+    Endpoint("stock_subtract", ["amount"], ["1"], _stock_op("subtract")),
+    Endpoint("payment_batch_init", ["n", "starting_money"], ["4", "29"], _payment_batch_init),
+    Endpoint("payment_add_funds", ["amount"], ["1"], _payment_op("add_funds")),
+    Endpoint("payment_pay", ["amount"], ["1"], _payment_op("pay")),
+    Endpoint("orders_batch_init", ["n", "n_items", "n_users", "item_price"], ["4", "2", "2", "7"], _orders_batch_init),
+    Endpoint("orders_addItem", ["quantity"], ["1"], _add_item),
+]
+
+CASES = [
+    pytest.param(ep, idx, value, id=f"{ep.name}-{seg}-{label}")
+    for ep in ENDPOINTS
+    for idx, seg in enumerate(ep.segments)
+    for label, value in BAD_VALUES.items()
+]
+
+
+@pytest.mark.parametrize("endpoint,index,value", CASES)
+def test_bad_number_is_400_and_writes_nothing(api, endpoint: Endpoint, index: int, value: str):
+    build, snapshot = endpoint.setup(api)
+    before = snapshot()
+    values = list(endpoint.good)
+    values[index] = value
+    path = build(values)
+
+    r = api.post(path)
+    assert r.status_code < 500, f"bad input must never be a 5xx: {describe(r)}"
+    middle_empty = value == "" and index < len(endpoint.segments) - 1
+    if middle_empty:
+        assert 400 <= r.status_code < 500, f"expected a 4xx: {describe(r)}"
+    else:
+        assert_error(r, 400)
+
+    assert snapshot() == before, f"{path} answered {r.status_code} but changed the state"
+
+
+@pytest.mark.parametrize("endpoint", [pytest.param(ep, id=ep.name) for ep in ENDPOINTS])
+def test_control_good_values_succeed_and_are_visible(api, endpoint: Endpoint):
+    """The same set-up with valid numbers is accepted and changes what the
+    snapshot reads, so the bad-number tests above would have seen a write."""
+    build, snapshot = endpoint.setup(api)
+    before = snapshot()
+    expect_ok(api.post(build(endpoint.good)))
+    if before is not None:
+        assert snapshot() != before
