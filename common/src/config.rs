@@ -248,10 +248,10 @@ impl Settings {
     pub fn from_env(service: Service) -> Result<Self, ConfigError> {
         let instance_id = var("INSTANCE_ID").unwrap_or_else(|| {
             format!(
-                "{}-{}-{:04x}",
+                "{}-{}-{:012x}",
                 service.name(),
                 std::process::id(),
-                rand::random::<u16>()
+                rand::random::<u64>() & 0xffff_ffff_ffff
             )
         });
         let queue_type = match var("AMQP_QUEUE_TYPE").as_deref() {

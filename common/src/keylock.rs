@@ -63,21 +63,28 @@ mod tests {
     #[tokio::test]
     async fn same_key_waits_other_key_does_not() {
         let locks = Arc::new(KeyLocks::new(64));
-        let held = locks.lock(["a"]).await;
+        let held = locks.lock(["a", "b"]).await;
         let l2 = locks.clone();
         let same = tokio::spawn(async move {
-            let _g = l2.lock(["a"]).await;
+            // The other order of the same keys: stripes are taken sorted, so no deadlock.
+            let _g = l2.lock(["b", "a"]).await;
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!same.is_finished(), "second lock on the same key got in");
-        // Overlapping multi-key sets in opposite orders must not deadlock.
+        assert!(!same.is_finished(), "second lock on the same keys got in");
+        let other = (0..1000)
+            .map(|i| format!("k{i}"))
+            .find(|k| {
+                locks.stripe_of(k) != locks.stripe_of("a")
+                    && locks.stripe_of(k) != locks.stripe_of("b")
+            })
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(1), locks.lock([other.as_str()]))
+            .await
+            .expect("a lock on another key waited");
         drop(held);
-        same.await.unwrap();
-        let (a, b) = tokio::join!(locks.lock(["x", "y"]), async {
-            tokio::task::yield_now().await;
-        });
-        drop(a);
-        let _ = b;
-        let _g = locks.lock(["y", "x"]).await;
+        tokio::time::timeout(Duration::from_secs(1), same)
+            .await
+            .expect("released lock never handed over")
+            .unwrap();
     }
 }

@@ -213,7 +213,7 @@ impl Orders {
     pub async fn mark_paid(&self, id: &OrderId, incarnation: &str) -> Result<(), ApiError> {
         self.update(id, |order| {
             let current = order.incarnation == incarnation;
-            Ok((current && !order.paid).then(|| Order {
+            Ok((current && !order.paid).then_some(Order {
                 paid: true,
                 ..order
             }))
