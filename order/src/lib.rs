@@ -76,6 +76,7 @@ pub fn build(
         },
     ));
     tokio::spawn(orchestrator.clone().recover_forever());
+    tokio::spawn(orchestrator.clone().renew_leases_forever());
     let state = Arc::new(routes::AppState {
         saga: orchestrator,
         stock: stock_client::StockClient::new(&order_settings.stock_url),

@@ -16,7 +16,8 @@
 //! tombstone. Recovery only ever decides ABORTED, and only if nobody decided
 //! before it, so a saga is committed by its owner or not at all.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::broker::Broker;
@@ -98,6 +99,7 @@ pub struct Orchestrator {
     broker: Arc<Broker>,
     replies: Arc<Replies>,
     routing: Routing,
+    leases: Leases,
 }
 
 impl Orchestrator {
@@ -114,6 +116,7 @@ impl Orchestrator {
             broker,
             replies,
             routing,
+            leases: Leases::default(),
         }
     }
 
@@ -304,19 +307,28 @@ impl Orchestrator {
         }
     }
 
-    /// Renews the saga's lease in the background until the guard is dropped.
+    /// Keeps the saga's lease renewed until the guard is dropped.
     fn hold_lease(&self, saga: SagaId) -> LeaseGuard {
-        let sagas = self.sagas.clone();
-        let owner = self.routing.instance.clone();
-        let lease = self.routing.lease;
-        LeaseGuard(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(lease / 3).await;
-                if let Err(e) = sagas.renew(saga, &owner, lease).await {
-                    tracing::warn!(%saga, error = %e, "lease not renewed");
-                }
+        self.leases.hold(saga)
+    }
+
+    /// Renews every lease this instance holds, in one round trip, three times per lease.
+    pub async fn renew_leases_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.routing.lease / 3);
+        loop {
+            tick.tick().await;
+            let held = self.leases.held();
+            if held.is_empty() {
+                continue;
             }
-        }))
+            if let Err(e) = self
+                .sagas
+                .renew(&held, &self.routing.instance, self.routing.lease)
+                .await
+            {
+                tracing::warn!(error = %e, sagas = held.len(), "leases not renewed");
+            }
+        }
     }
 
     /// Finishes a saga whose owner died (its lease was just claimed by this instance).
@@ -376,11 +388,43 @@ struct Undo {
     refund: bool,
 }
 
-struct LeaseGuard(tokio::task::JoinHandle<()>);
+/// The sagas whose leases this instance holds. One background task renews
+/// them all together: a task per saga would take a store connection per
+/// saga per renewal, starving the pool under a burst of checkouts.
+#[derive(Default, Clone)]
+struct Leases(Arc<Mutex<HashSet<SagaId>>>);
+
+impl Leases {
+    fn hold(&self, saga: SagaId) -> LeaseGuard {
+        self.0.lock().expect("lease set poisoned").insert(saga);
+        LeaseGuard {
+            leases: self.clone(),
+            saga,
+        }
+    }
+
+    fn held(&self) -> Vec<SagaId> {
+        self.0
+            .lock()
+            .expect("lease set poisoned")
+            .iter()
+            .copied()
+            .collect()
+    }
+}
+
+struct LeaseGuard {
+    leases: Leases,
+    saga: SagaId,
+}
 
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
-        self.0.abort();
+        self.leases
+            .0
+            .lock()
+            .expect("lease set poisoned")
+            .remove(&self.saga);
     }
 }
 

@@ -220,16 +220,29 @@ impl SagaStore {
         Ok(!active)
     }
 
-    /// Extends the owner's lease.
-    pub async fn renew(&self, id: SagaId, owner: &str, lease: Duration) -> Result<(), StoreError> {
+    /// Extends the owner's leases, all in one pipeline.
+    pub async fn renew(
+        &self,
+        ids: &[SagaId],
+        owner: &str,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let mut renewals = redis::pipe();
+        for id in ids {
+            renewals
+                .cmd("SET")
+                .arg(lease_key(*id))
+                .arg(owner)
+                .arg("PX")
+                .arg(lease.as_millis() as u64)
+                .ignore();
+        }
+        let renewals = &renewals;
         self.store
-            .query::<()>(
-                redis::cmd("SET")
-                    .arg(lease_key(id))
-                    .arg(owner)
-                    .arg("PX")
-                    .arg(lease.as_millis() as u64),
-            )
+            .run(|mut conn| async move {
+                let result = renewals.query_async::<()>(&mut conn).await;
+                (conn, result)
+            })
             .await
     }
 
