@@ -334,6 +334,10 @@ impl Orchestrator {
     /// Finishes a saga whose owner died (its lease was just claimed by this instance).
     pub async fn recover(&self, id: SagaId) -> Result<(), ApiError> {
         let _lease = self.hold_lease(id);
+        // The scan may have seen the saga just before its owner finished it.
+        if self.sagas.is_finished(id).await? {
+            return Ok(());
+        }
         let Some((saga, state)) = self.sagas.load(id).await? else {
             return Ok(());
         };
