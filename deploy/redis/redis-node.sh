@@ -1,0 +1,36 @@
+#!/bin/sh
+# Starts one Redis data node of a Sentinel-managed set in docker-compose.
+#
+# The first start writes /data/redis.conf (AOF with appendfsync everysec, the node's
+# announced hostname, and `replicaof` for a replica). Later starts reuse that file, which
+# Sentinel rewrites on a failover (CONFIG REWRITE), so a restarted old master comes back as
+# a replica of the new one instead of as a second master. The password is passed on every
+# start, so changing env/redis.env takes effect at the next restart.
+#
+# Environment: REDIS_PASSWORD (env/redis.env), NODE_HOSTNAME (this node's compose name),
+# REPLICA_OF (the master's compose name; empty or unset for the initial master).
+set -eu
+
+: "${REDIS_PASSWORD:?set REDIS_PASSWORD (env/redis.env)}"
+: "${NODE_HOSTNAME:?set NODE_HOSTNAME to the compose service name of this node}"
+
+conf=/data/redis.conf
+if [ ! -s "$conf" ]; then
+    {
+        echo "port 6379"
+        echo "dir /data"
+        echo "appendonly yes"
+        echo "appendfsync everysec"
+        echo "replica-announce-ip ${NODE_HOSTNAME}"
+        echo "replica-serve-stale-data yes"
+        echo "min-replicas-to-write 0"
+        if [ -n "${REPLICA_OF:-}" ]; then
+            echo "replicaof ${REPLICA_OF} 6379"
+        fi
+    } >"$conf.tmp"
+    mv "$conf.tmp" "$conf"
+fi
+
+# The image's entrypoint fixes the ownership of /data and drops to the redis user.
+exec docker-entrypoint.sh redis-server "$conf" \
+    --requirepass "$REDIS_PASSWORD" --masterauth "$REDIS_PASSWORD"

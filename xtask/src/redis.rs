@@ -1,0 +1,391 @@
+//! A real `redis-server` process: master or replica, AOF on, bound to 127.0.0.1.
+//!
+//! Both [`RedisServer`] and [`crate::Sentinel`] are `redis-server` processes with a config file
+//! of their own, so the common part (write config, spawn, wait until it answers, kill) lives
+//! here in [`RedisProcess`].
+//!
+//! Config choices, all for "durable and quick to fail over on one box":
+//! - `appendonly yes` + `appendfsync everysec`: the durability the design asks of masters;
+//! - `save ""`: no periodic RDB snapshots competing with the AOF for the disk;
+//! - `repl-diskless-sync-delay 0`: a replica's full sync starts at once instead of after the
+//!   default 5 s wait for more replicas (that wait would delay every start and failover);
+//! - file names carry the port, so several servers may share one directory;
+//! - the config file is absolute and writable, because Sentinel rewrites it on failover
+//!   (`CONFIG REWRITE`), and [`RedisServer::restart`] starts from the rewritten file.
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::OnceLock;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::install::find_binary;
+use crate::net::port_is_free;
+use crate::proc::{self, spawn_logged, tail};
+use crate::resp;
+
+/// How long a fresh redis-server may take to answer PING.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A redis-server process (data node or Sentinel) started from a config file.
+#[derive(Debug)]
+pub(crate) struct RedisProcess {
+    pub(crate) port: u16,
+    pub(crate) dir: PathBuf,
+    pub(crate) conf: PathBuf,
+    /// The server's own log (`logfile`).
+    pub(crate) log: PathBuf,
+    /// stdout/stderr, where config errors go before the log file is opened.
+    pub(crate) out: PathBuf,
+    pub(crate) password: Option<String>,
+    sentinel: bool,
+    child: Option<Child>,
+    pid: u32,
+}
+
+impl RedisProcess {
+    /// Writes `config` (the caller's lines; `port`, `bind`, `dir` and `logfile` are added here)
+    /// to `<dir>/<stem>.conf` and starts the server.
+    pub(crate) fn start(
+        dir: &Path,
+        port: u16,
+        stem: &str,
+        config: &str,
+        password: Option<&str>,
+        sentinel: bool,
+    ) -> Result<Self> {
+        if !port_is_free(port) {
+            bail!("port {port} is already in use");
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let dir = dir.canonicalize()?;
+        let conf = dir.join(format!("{stem}.conf"));
+        let log = dir.join(format!("{stem}.log"));
+        let out = dir.join(format!("{stem}.out"));
+        let text = format!(
+            "# Written by xtask. Sentinel may rewrite parts of this file.\n\
+             port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\nlogfile {}\n{config}",
+            dir.display(),
+            log.display()
+        );
+        std::fs::write(&conf, text).with_context(|| format!("cannot write {}", conf.display()))?;
+        let mut p = RedisProcess {
+            port,
+            dir,
+            conf,
+            log,
+            out,
+            password: password.map(str::to_string),
+            sentinel,
+            child: None,
+            pid: 0,
+        };
+        p.spawn()?;
+        Ok(p)
+    }
+
+    /// Starts the process from its config file and waits until it is the one answering PING.
+    pub(crate) fn spawn(&mut self) -> Result<()> {
+        let bin = find_binary("redis-server")
+            .ok_or_else(|| anyhow!("redis-server not found (apt-get install redis-server)"))?;
+        let mut cmd = proc::command(bin);
+        cmd.arg(&self.conf).current_dir(&self.dir);
+        if self.sentinel {
+            cmd.arg("--sentinel");
+        }
+        let child = spawn_logged(&mut cmd, &self.out)?;
+        self.pid = child.id();
+        self.child = Some(child);
+        if let Err(e) = self.wait_ready() {
+            self.kill9();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Waits until the server answers PING and reports our pid (so a foreign server that happens
+    /// to hold the port is not mistaken for ours).
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "redis-server on port {} exited at start ({status})\n{}\n{}",
+                        self.port,
+                        tail(&self.out, 20),
+                        tail(&self.log, 20)
+                    );
+                }
+            }
+            let last = match self.answering_pid() {
+                Ok(pid) if pid == self.pid => return Ok(()),
+                Ok(pid) => bail!("port {} is answered by another process ({pid})", self.port),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "redis-server on port {} did not answer within {} s ({last})\n{}",
+                    self.port,
+                    START_TIMEOUT.as_secs(),
+                    tail(&self.log, 20)
+                );
+            }
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn answering_pid(&self) -> Result<u32> {
+        let mut c = resp::Connection::connect(
+            self.port,
+            self.password.as_deref().filter(|_| !self.sentinel),
+            Duration::from_secs(1),
+        )?;
+        c.command(&["PING"])?;
+        let info = c
+            .command(&["INFO", "server"])?
+            .as_text()
+            .unwrap_or_default();
+        resp::info_field(&info, "process_id")
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| anyhow!("no process_id in INFO"))
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub(crate) fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// SIGKILL (to the process group, in case an AOF-rewrite child is running) and reap.
+    pub(crate) fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                // SAFETY: the child leads its own process group (setsid in proc::command).
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Gives up ownership: the process keeps running after this value is dropped.
+    pub(crate) fn disarm(&mut self) -> u32 {
+        self.child = None;
+        self.pid
+    }
+
+    pub(crate) fn query(&self, args: &[&str]) -> Result<resp::Reply> {
+        let pw = self.password.as_deref().filter(|_| !self.sentinel);
+        resp::query(self.port, pw, args)
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The major version of the installed redis-server (`appenddirname` exists from 7 on).
+fn redis_major_version() -> u32 {
+    static MAJOR: OnceLock<u32> = OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        let out = find_binary("redis-server")
+            .and_then(|b| std::process::Command::new(b).arg("--version").output().ok())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        parse_major(&out).unwrap_or(7)
+    })
+}
+
+/// "Redis server v=7.0.15 sha=..." → 7.
+fn parse_major(version_output: &str) -> Option<u32> {
+    let v = version_output.split("v=").nth(1)?;
+    v.split('.').next()?.parse().ok()
+}
+
+/// The data-node config lines for `port` (see the module docs for why each is there).
+fn data_config(
+    port: u16,
+    replica_of: Option<u16>,
+    password: Option<&str>,
+    major_version: u32,
+) -> String {
+    let mut c = String::new();
+    c.push_str("appendonly yes\nappendfsync everysec\n");
+    if major_version >= 7 {
+        c.push_str(&format!("appenddirname appendonlydir-{port}\n"));
+    } else {
+        c.push_str(&format!("appendfilename appendonly-{port}.aof\n"));
+    }
+    c.push_str(&format!("dbfilename dump-{port}.rdb\n"));
+    c.push_str("save \"\"\nrepl-diskless-sync-delay 0\n");
+    if let Some(master) = replica_of {
+        c.push_str(&format!("replicaof 127.0.0.1 {master}\n"));
+    }
+    if let Some(pw) = password {
+        // masterauth too: after a failover any node may have to replicate from any other.
+        c.push_str(&format!("requirepass {pw}\nmasterauth {pw}\n"));
+    }
+    c
+}
+
+/// A `redis-server` data node (master or replica) that is killed when dropped.
+#[derive(Debug)]
+pub struct RedisServer {
+    inner: RedisProcess,
+}
+
+impl RedisServer {
+    /// Starts redis-server on 127.0.0.1:`port` with AOF on, files in `dir` (created if missing;
+    /// may be shared with other servers), as a replica of 127.0.0.1:`replica_of` when given,
+    /// with `requirepass`/`masterauth` when `password` is given. Returns once it answers PING.
+    pub fn start(
+        dir: impl AsRef<Path>,
+        port: u16,
+        replica_of: Option<u16>,
+        password: Option<&str>,
+    ) -> Result<Self> {
+        let config = data_config(port, replica_of, password, redis_major_version());
+        let inner = RedisProcess::start(
+            dir.as_ref(),
+            port,
+            &format!("redis-{port}"),
+            &config,
+            password,
+            false,
+        )?;
+        Ok(RedisServer { inner })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.inner.port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.inner.pid()
+    }
+
+    /// The directory holding its config, log and AOF.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Its config file (Sentinel may have rewritten it).
+    pub fn conf_path(&self) -> &Path {
+        &self.inner.conf
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> &Path {
+        &self.inner.log
+    }
+
+    /// `redis://[:password@]127.0.0.1:<port>/` for a direct client.
+    pub fn url(&self) -> String {
+        match &self.inner.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}/", self.inner.port),
+            None => format!("redis://127.0.0.1:{}/", self.inner.port),
+        }
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.inner.is_running()
+    }
+
+    /// SIGKILL, as a crash would: no shutdown, nothing flushed beyond what AOF already holds.
+    pub fn kill9(&mut self) {
+        self.inner.kill9();
+    }
+
+    /// Starts the server again from its config file and data (after [`Self::kill9`]; a running
+    /// server is killed first). Sentinel may have rewritten the config meanwhile, e.g. to make
+    /// this node a replica of the promoted one.
+    pub fn restart(&mut self) -> Result<()> {
+        self.inner.kill9();
+        self.inner.spawn()
+    }
+
+    /// Sends one command (with AUTH when the server has a password).
+    pub fn command(&self, args: &[&str]) -> Result<resp::Reply> {
+        self.inner.query(args)
+    }
+
+    /// The current role as reported by ROLE: `master` or `slave`.
+    pub fn role(&self) -> Result<String> {
+        resp::role(self.inner.port, self.inner.password.as_deref())
+    }
+
+    /// For a replica: waits until its link to the master is up (initial sync done).
+    pub fn wait_replica_synced(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = resp::info(
+                self.inner.port,
+                self.inner.password.as_deref(),
+                "replication",
+            )
+            .unwrap_or_default();
+            if resp::info_field(&info, "master_link_status") == Some("up") {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "replica on port {} did not sync with its master within {} s",
+                    self.inner.port,
+                    timeout.as_secs()
+                );
+            }
+            sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Hands the process over (it keeps running after this) and returns its pid.
+    pub fn disarm(mut self) -> u32 {
+        self.inner.disarm()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_is_parsed() {
+        assert_eq!(
+            parse_major("Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc"),
+            Some(7)
+        );
+        assert_eq!(parse_major("garbage"), None);
+    }
+
+    #[test]
+    fn config_has_aof_replication_and_auth() {
+        let c = data_config(6410, Some(6400), Some("pw"), 7);
+        for line in [
+            "appendonly yes",
+            "appendfsync everysec",
+            "appenddirname appendonlydir-6410",
+            "dbfilename dump-6410.rdb",
+            "replicaof 127.0.0.1 6400",
+            "requirepass pw",
+            "masterauth pw",
+            "repl-diskless-sync-delay 0",
+        ] {
+            assert!(c.lines().any(|l| l == line), "missing {line:?} in\n{c}");
+        }
+        let c6 = data_config(6400, None, None, 6);
+        assert!(!c6.contains("appenddirname"));
+        assert!(!c6.contains("replicaof"));
+        assert!(!c6.contains("requirepass"));
+    }
+}

@@ -1,0 +1,299 @@
+//! `cargo xtask test`: the project's one test command, used by developers and by `.ci/run`.
+//!
+//! Runs every step even when an earlier independent one failed (a formatting slip should not
+//! hide a failing test), skips only what cannot run (tests need the fleet), always stops the
+//! fleet at the end (also on panic, via a guard), and closes with one line per step.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{down, fleet, interrupt, up, validate};
+use xtask::{ensure_installed, find_binary};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Status {
+    Pass,
+    Fail(String),
+    Skip(String),
+}
+
+struct Outcome {
+    name: &'static str,
+    status: Status,
+    secs: f64,
+}
+
+/// A step's result: Ok(None) passed, Ok(Some(why)) skipped, Err failed.
+type StepResult = Result<Option<String>>;
+
+struct Runner {
+    outcomes: Vec<Outcome>,
+    total: usize,
+}
+
+impl Runner {
+    fn step(&mut self, name: &'static str, f: impl FnOnce() -> StepResult) -> bool {
+        let n = self.outcomes.len() + 1;
+        println!("\n==> [{n}/{}] {name}", self.total);
+        let start = Instant::now();
+        let status = if interrupt::requested() && name != "down" {
+            Status::Skip("interrupted".into())
+        } else {
+            match f() {
+                Ok(None) => Status::Pass,
+                Ok(Some(why)) => Status::Skip(why),
+                Err(e) => Status::Fail(format!("{e:#}")),
+            }
+        };
+        match &status {
+            Status::Fail(why) => println!("==> {name}: FAILED: {why}"),
+            Status::Skip(why) => println!("==> {name}: skipped: {why}"),
+            Status::Pass => println!("==> {name}: ok"),
+        }
+        let passed = status == Status::Pass;
+        self.outcomes.push(Outcome {
+            name,
+            status,
+            secs: start.elapsed().as_secs_f64(),
+        });
+        passed
+    }
+
+    fn skip(&mut self, name: &'static str, why: &str) {
+        self.step(name, || Ok(Some(why.to_string())));
+    }
+}
+
+/// Stops the fleet when dropped unless disarmed: `down` must run even if a step panics.
+struct DownGuard<'a> {
+    root: &'a Path,
+    armed: bool,
+}
+
+impl Drop for DownGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = down::run(self.root) {
+                eprintln!("xtask: down: {e:#}");
+            }
+        }
+    }
+}
+
+pub fn run(root: &Path) -> Result<()> {
+    let mut r = Runner {
+        outcomes: Vec::new(),
+        total: 8,
+    };
+    r.step("install", || install(root));
+    r.step("fmt", || {
+        cargo(root, &["fmt", "--all", "--", "--check"], &[])?;
+        Ok(None)
+    });
+    r.step("clippy", || {
+        cargo(
+            root,
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+            &[],
+        )?;
+        Ok(None)
+    });
+    r.step("validate", || validate::run(root).map(|()| None));
+
+    let mut guard = DownGuard { root, armed: true };
+    let opts = up::Options {
+        detach: true,
+        port: fleet::DEFAULT_GATEWAY_PORT,
+        build: true,
+    };
+    let fleet_up = r.step("up", || up::run(root, &opts).map(|()| None));
+    let gateway_url = format!("http://127.0.0.1:{}", fleet::DEFAULT_GATEWAY_PORT);
+    if fleet_up {
+        r.step("cargo test", || {
+            cargo(
+                root,
+                &["test", "--workspace"],
+                &[("TEST_AMQP_URL", fleet::amqp_url().as_str())],
+            )?;
+            Ok(None)
+        });
+        r.step("pytest", || pytest(root, &gateway_url));
+    } else {
+        r.skip("cargo test", "the fleet did not start");
+        r.skip("pytest", "the fleet did not start");
+    }
+    guard.armed = false;
+    r.step("down", || down::run(root).map(|()| None));
+    drop(guard);
+
+    summarize(&r.outcomes)
+}
+
+fn summarize(outcomes: &[Outcome]) -> Result<()> {
+    println!("\n==> cargo xtask test: summary");
+    for o in outcomes {
+        let (word, note) = match &o.status {
+            Status::Pass => ("PASS", String::new()),
+            Status::Fail(why) => ("FAIL", first_line(why)),
+            Status::Skip(why) => ("SKIP", first_line(why)),
+        };
+        println!("{word:<5} {:<11} {:>7.1} s  {note}", o.name, o.secs);
+    }
+    let count = |f: fn(&Status) -> bool| outcomes.iter().filter(|o| f(&o.status)).count();
+    let failed = count(|s| matches!(s, Status::Fail(_)));
+    // Deliberately not "N passed, N failed": that line shape is read as a test-runner count,
+    // and these are steps, not tests.
+    println!(
+        "steps: {} ok, {failed} failing, {} skipped",
+        count(|s| *s == Status::Pass),
+        count(|s| matches!(s, Status::Skip(_)))
+    );
+    if failed > 0 {
+        let names: Vec<&str> = outcomes
+            .iter()
+            .filter(|o| matches!(o.status, Status::Fail(_)))
+            .map(|o| o.name)
+            .collect();
+        bail!("failed: {}", names.join(", "));
+    }
+    Ok(())
+}
+
+fn first_line(s: &str) -> String {
+    let line = s.lines().next().unwrap_or("");
+    if line.chars().count() > 100 {
+        format!("{}...", line.chars().take(100).collect::<String>())
+    } else {
+        line.to_string()
+    }
+}
+
+/// Runs cargo with `args` in the repository root, inheriting the terminal.
+fn cargo(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    println!("$ cargo {}", args.join(" "));
+    let status = Command::new(up::cargo())
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(root)
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("cargo {} exited with {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+/// pip environment: Debian's Python refuses system-wide installs (PEP 668) unless told, and CI
+/// runs as root in a throwaway machine, where that is what we want.
+const PIP_ENV: &[(&str, &str)] = &[
+    ("PIP_BREAK_SYSTEM_PACKAGES", "1"),
+    ("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
+    ("PIP_ROOT_USER_ACTION", "ignore"),
+];
+
+fn install(root: &Path) -> StepResult {
+    let mut needed: Vec<&str> = up::REQUIRED.to_vec();
+    needed.push("python3");
+    ensure_installed(&needed)?;
+    let req = root.join("test").join("requirements.txt");
+    if !req.is_file() {
+        return Ok(Some(format!(
+            "system programs present; {} does not exist, no Python packages installed",
+            req.display()
+        )));
+    }
+    let pip_works = || {
+        Command::new("python3")
+            .args(["-m", "pip", "--version"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    if !pip_works() {
+        ensure_installed(&["pip3"])?;
+        if !pip_works() {
+            bail!("python3 has no pip module (apt-get install python3-pip)");
+        }
+    }
+    println!("$ python3 -m pip install -q -r test/requirements.txt");
+    let status = Command::new("python3")
+        .args(["-m", "pip", "install", "-q", "-r"])
+        .arg(&req)
+        .envs(PIP_ENV.iter().copied())
+        .current_dir(root)
+        .status()?;
+    if !status.success() {
+        bail!("pip install -r test/requirements.txt exited with {status}");
+    }
+    Ok(None)
+}
+
+/// pytest's exit code when it collected no test.
+const PYTEST_NO_TESTS: i32 = 5;
+
+fn pytest(root: &Path, gateway_url: &str) -> StepResult {
+    if !root.join("test").is_dir() {
+        return Ok(Some("there is no test/ directory".into()));
+    }
+    if find_binary("python3").is_none() {
+        bail!("python3 is not installed");
+    }
+    let service_urls = fleet::service_urls();
+    println!("$ GATEWAY_URL={gateway_url} SERVICE_URLS={service_urls} python3 -m pytest -q test/");
+    let status = Command::new("python3")
+        .args(["-m", "pytest", "-q", "test/"])
+        .env("GATEWAY_URL", gateway_url)
+        .env("SERVICE_URLS", service_urls)
+        .current_dir(root)
+        .status()
+        .context("cannot run python3 -m pytest")?;
+    match status.code() {
+        Some(0) => Ok(None),
+        Some(PYTEST_NO_TESTS) => Ok(Some("pytest collected no tests".into())),
+        _ => bail!("pytest exited with {status}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(name: &'static str, status: Status) -> Outcome {
+        Outcome {
+            name,
+            status,
+            secs: 1.0,
+        }
+    }
+
+    #[test]
+    fn summary_fails_only_on_failed_steps() {
+        assert!(summarize(&[
+            outcome("fmt", Status::Pass),
+            outcome("pytest", Status::Skip("none".into()))
+        ])
+        .is_ok());
+        let err = summarize(&[
+            outcome("fmt", Status::Fail("diff\nmore".into())),
+            outcome("clippy", Status::Pass),
+        ])
+        .unwrap_err();
+        assert_eq!(err.to_string(), "failed: fmt");
+    }
+
+    #[test]
+    fn long_reasons_are_cut_to_one_line() {
+        assert_eq!(first_line("a\nb"), "a");
+        assert_eq!(first_line(&"x".repeat(150)).chars().count(), 103);
+    }
+}

@@ -1,0 +1,208 @@
+//! The process kit against real redis-server, Sentinel and RabbitMQ processes.
+//!
+//! These start real processes on free ports; a test whose program is not installed says so and
+//! passes (the launcher's `ensure_installed` is what makes them present in CI).
+
+use std::net::TcpStream;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use xtask::{find_binary, free_port, proc, resp, RabbitNode, RedisServer, ScratchDir, Sentinel};
+
+fn have(program: &str) -> bool {
+    let found = find_binary(program).is_some();
+    if !found {
+        eprintln!("{program} is not installed: skipping");
+    }
+    found
+}
+
+fn get(server: &RedisServer, key: &str) -> Option<String> {
+    server.command(&["GET", key]).unwrap().as_text()
+}
+
+#[test]
+fn replica_follows_master_and_aof_survives_kill9() {
+    if !have("redis-server") {
+        return;
+    }
+    let dir = ScratchDir::new("kit-aof").unwrap();
+    let mut master = RedisServer::start(dir.path(), free_port(), None, Some("s3cret")).unwrap();
+    let replica =
+        RedisServer::start(dir.path(), free_port(), Some(master.port()), Some("s3cret")).unwrap();
+    replica
+        .wait_replica_synced(Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(master.role().unwrap(), "master");
+    assert_eq!(replica.role().unwrap(), "slave");
+    assert!(master.url().contains(":s3cret@127.0.0.1:"));
+
+    master.command(&["SET", "k", "v1"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&replica, "k").as_deref() != Some("v1") {
+        assert!(Instant::now() < deadline, "replica never saw the write");
+        sleep(Duration::from_millis(20));
+    }
+
+    // appendfsync everysec: after a second the write is on disk and survives a crash.
+    sleep(Duration::from_millis(1500));
+    let old_pid = master.pid();
+    master.kill9();
+    assert!(!master.is_running());
+    assert!(!proc::is_alive(old_pid));
+    master.restart().unwrap();
+    assert_ne!(master.pid(), old_pid);
+    assert_eq!(get(&master, "k").as_deref(), Some("v1"));
+}
+
+#[test]
+fn a_second_server_on_a_taken_port_fails_clearly() {
+    if !have("redis-server") {
+        return;
+    }
+    let dir = ScratchDir::new("kit-port").unwrap();
+    let first = RedisServer::start(dir.join("a"), free_port(), None, None).unwrap();
+    let err = RedisServer::start(dir.join("b"), first.port(), None, None).unwrap_err();
+    assert!(err.to_string().contains("in use"), "{err:#}");
+}
+
+#[test]
+fn sentinels_fail_over_when_the_master_is_killed() {
+    if !have("redis-server") {
+        return;
+    }
+    let dir = ScratchDir::new("kit-sentinel").unwrap();
+    let mut master = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let replica = RedisServer::start(dir.path(), free_port(), Some(master.port()), None).unwrap();
+    replica
+        .wait_replica_synced(Duration::from_secs(10))
+        .unwrap();
+    let sentinels: Vec<Sentinel> = (0..3)
+        .map(|_| {
+            Sentinel::start(
+                dir.path(),
+                free_port(),
+                &[("data", master.port())],
+                2,
+                1000,
+                3000,
+            )
+            .unwrap()
+        })
+        .collect();
+    for s in &sentinels {
+        s.wait_monitoring(&["data"], 1, 2, Duration::from_secs(30))
+            .unwrap();
+        assert_eq!(s.master_port("data").unwrap(), Some(master.port()));
+    }
+
+    master.kill9();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if sentinels[0].master_port("data").unwrap() == Some(replica.port())
+            && replica.role().unwrap() == "master"
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failover within 30 s");
+        sleep(Duration::from_millis(100));
+    }
+    // The old master comes back as a replica of the new one once Sentinel reconfigures it.
+    master.restart().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while master.role().unwrap() != "slave" {
+        assert!(
+            Instant::now() < deadline,
+            "old master was not turned into a replica"
+        );
+        sleep(Duration::from_millis(200));
+    }
+    let conf = std::fs::read_to_string(master.conf_path()).unwrap();
+    assert!(conf.contains(&format!("replicaof 127.0.0.1 {}", replica.port())));
+}
+
+/// AMQP handshake: the server answers the protocol header with a method frame
+/// (Connection.Start).
+fn amqp_answers(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut frame = [0u8; 1];
+    s.write_all(b"AMQP\x00\x00\x09\x01").is_ok()
+        && s.read_exact(&mut frame).is_ok()
+        && frame[0] == 1
+}
+
+#[test]
+fn private_rabbitmq_node_starts_restarts_and_stops() {
+    use std::os::unix::fs::PermissionsExt;
+    if !have("rabbitmq-server") {
+        return;
+    }
+    if !proc::is_root() {
+        eprintln!("not root: Debian's rabbitmq-server cannot be run; skipping");
+        return;
+    }
+    let scratch = ScratchDir::new("kit-rabbit").unwrap();
+    // A parent the rabbitmq user cannot enter (like a checkout under /root): the node's data
+    // must be relocated, and the asked-for path must become a link to it.
+    let private = scratch.join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let asked = private.join("rabbitmq");
+    let (amqp, dist) = (free_port(), free_port());
+    let name = format!("kit{}@localhost", std::process::id());
+    let mut node = RabbitNode::start(&asked, &name, amqp, dist).unwrap();
+    let relocated = node.dir().to_path_buf();
+    let _cleanup = RemoveOnDrop(relocated.clone());
+    assert_ne!(relocated, asked);
+    assert_eq!(std::fs::read_link(&asked).unwrap(), relocated);
+    assert!(proc::is_alive(node.pid()));
+    assert_eq!(
+        node.amqp_url(),
+        format!("amqp://guest:guest@127.0.0.1:{amqp}/%2f")
+    );
+    assert!(amqp_answers(amqp));
+
+    // A crash, then a start on the same data.
+    let old = node.pid();
+    node.kill9();
+    assert!(!proc::is_alive(old));
+    node.restart().unwrap();
+    assert_ne!(node.pid(), old);
+    assert!(amqp_answers(amqp));
+
+    let pid = node.pid();
+    node.stop().unwrap();
+    assert!(!proc::is_alive(pid));
+    assert!(xtask::port_is_free(amqp));
+    // Stopping again is a no-op.
+    node.stop().unwrap();
+}
+
+/// Removes a relocated RabbitMQ directory at the end of the test.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn resp_query_talks_to_a_real_server() {
+    if !have("redis-server") {
+        return;
+    }
+    let dir = ScratchDir::new("kit-resp").unwrap();
+    let server = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let info = resp::info(server.port(), None, "persistence").unwrap();
+    assert_eq!(resp::info_field(&info, "aof_enabled"), Some("1"));
+    assert_eq!(
+        resp::query(server.port(), None, &["PING"]).unwrap(),
+        resp::Reply::Simple("PONG".into())
+    );
+    assert!(resp::query(server.port(), None, &["NOSUCHCOMMAND"]).is_err());
+}
