@@ -153,10 +153,10 @@ pub const ENV_VARS: &[EnvVar] = &[
     },
     EnvVar {
         name: "SAGA_STEPS",
-        default: Some("parallel"),
+        default: Some("sequential"),
         required: false,
         services: &[Order],
-        help: "parallel: reserve and charge at once; sequential: charge only after the reservation succeeded",
+        help: "sequential: charge only after the reservation succeeded (fewer messages when stock runs out); parallel: reserve and charge at once (one round trip less)",
     },
     EnvVar {
         name: "SAGA_LEASE_MS",
@@ -323,8 +323,8 @@ impl OrderSettings {
         Ok(Self {
             saga_redis: redis_target("SAGA_REDIS_URL", &saga_master)?,
             step_order: match var("SAGA_STEPS").as_deref() {
-                Some("sequential") => StepOrder::Sequential,
-                Some("parallel") | None => StepOrder::Parallel,
+                Some("sequential") | None => StepOrder::Sequential,
+                Some("parallel") => StepOrder::Parallel,
                 Some(other) => {
                     return Err(ConfigError::Invalid {
                         name: "SAGA_STEPS",
