@@ -67,7 +67,20 @@ async fn unknown_route(uri: Uri) -> Response {
 
 /// Serves `app` on `bind_addr` until SIGTERM or Ctrl-C, then lets in-flight requests finish.
 pub async fn serve(app: Router, bind_addr: &str) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(bind_addr).await?;
+    let addr: std::net::SocketAddr = tokio::net::lookup_host(bind_addr)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("{bind_addr} resolves to nothing")))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    // `TcpListener::bind` queues only 128 pending connections; a burst of a
+    // thousand checkouts through the gateway overflows that into connect timeouts.
+    let listener = socket.listen(4096)?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
