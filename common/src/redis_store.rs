@@ -146,6 +146,8 @@ pub struct Store {
     skip_wait_until_ms: AtomicU64,
 }
 
+/// Records written per pipeline by [`Store::write_batch`] (`batch_init` of 100k: 100 round trips).
+pub const BATCH_CHUNK: i64 = 1000;
 /// Connections per store and process: enough for every in-flight transaction.
 const POOL_SIZE: usize = 64;
 /// A single command that takes longer than this is treated as a broken connection.
@@ -384,6 +386,26 @@ impl Store {
             (conn, result)
         })
         .await
+    }
+
+    /// Writes `n` records in pipelines of [`BATCH_CHUNK`]; `fill` adds record `i`'s writes.
+    /// Each chunk is atomic and WAITed for; a failure stops at the chunk that failed.
+    pub async fn write_batch(
+        &self,
+        n: i64,
+        mut fill: impl FnMut(&mut Pipeline, i64),
+    ) -> Result<(), StoreError> {
+        let mut start = 0;
+        while start < n {
+            let end = (start + BATCH_CHUNK).min(n);
+            let mut writes = redis::pipe();
+            for i in start..end {
+                fill(&mut writes, i);
+            }
+            self.write(&writes).await?;
+            start = end;
+        }
+        Ok(())
     }
 
     /// Sends `cmd` and returns its typed reply, retried through failovers (reads, idempotent writes).

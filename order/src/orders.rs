@@ -9,7 +9,7 @@ use common::keylock::KeyLocks;
 use common::messages::Line;
 use common::redis_store::{Conn, Store, StoreError, Tx};
 use common::types::{Amount, ItemId, OrderId, UserId};
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,9 +58,6 @@ impl Order {
         Some(self)
     }
 }
-
-/// Orders written per pipeline by `batch_init`.
-const BATCH_CHUNK: i64 = 1000;
 
 pub struct Orders {
     store: Arc<Store>,
@@ -116,29 +113,33 @@ impl Orders {
             ));
         }
         let one = Amount::new(1).expect("1 is an amount");
-        let mut start = 0;
-        while start < n {
-            let end = (start + BATCH_CHUNK).min(n);
-            let mut writes = redis::pipe();
-            {
-                let mut rng = rand::rng();
-                for i in start..end {
-                    let user = UserId::parse(&rng.random_range(0..n_users).to_string())?;
-                    let mut order = Some(Order::new(user));
-                    for _ in 0..2 {
-                        let item = ItemId::parse(&rng.random_range(0..n_items).to_string())?;
-                        order = order.and_then(|o| o.with_item(item, one, price));
-                    }
-                    let order = order.ok_or_else(|| {
-                        ApiError::BadRequest(format!("item_price {price} makes a total overflow"))
-                    })?;
-                    let id = OrderId::parse(&i.to_string())?;
-                    writes.set(key(&id), encode(&order)).ignore();
-                }
-            }
-            self.store.write(&writes).await?;
-            start = end;
+        if price
+            .checked_mul(Amount::new(2).expect("2 is an amount"))
+            .is_none()
+        {
+            return Err(ApiError::BadRequest(format!(
+                "item_price {price} makes a total overflow"
+            )));
         }
+        let decimal_id = |i: i64| i.to_string();
+        // Seeded from the thread RNG: `ThreadRng` cannot be held across an await.
+        let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
+        self.store
+            .write_batch(n, |writes, i| {
+                let user = UserId::parse(&decimal_id(rng.random_range(0..n_users)))
+                    .expect("decimal ids are valid");
+                let mut order = Order::new(user);
+                for _ in 0..2 {
+                    let item = ItemId::parse(&decimal_id(rng.random_range(0..n_items)))
+                        .expect("decimal ids are valid");
+                    order = order
+                        .with_item(item, one, price)
+                        .expect("2 x price was checked not to overflow");
+                }
+                let id = OrderId::parse(&decimal_id(i)).expect("decimal ids are valid");
+                writes.set(key(&id), encode(&order)).ignore();
+            })
+            .await?;
         Ok(())
     }
 

@@ -11,9 +11,6 @@ use common::participant::Ledger;
 use common::redis_store::{Store, StoreError};
 use common::types::{Amount, UserId};
 
-/// Users written per pipeline by `batch_init`.
-const BATCH_CHUNK: i64 = 1000;
-
 pub struct Users {
     pub counters: Counters,
 }
@@ -41,18 +38,13 @@ impl Users {
 
     /// Creates (or overwrites) users `"0"`..`"n-1"`, in pipelined chunks.
     pub async fn batch_init(&self, n: i64, credit: Amount) -> Result<(), ApiError> {
-        let mut start = 0;
-        while start < n {
-            let end = (start + BATCH_CHUNK).min(n);
-            let mut writes = redis::pipe();
-            for i in start..end {
+        self.store()
+            .write_batch(n, |writes, i| {
                 writes
                     .hset(self.counters.key(&i.to_string()), "credit", credit.get())
                     .ignore();
-            }
-            self.store().write(&writes).await?;
-            start = end;
-        }
+            })
+            .await?;
         Ok(())
     }
 

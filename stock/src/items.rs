@@ -18,9 +18,6 @@ pub struct Item {
     pub price: Amount,
 }
 
-/// Items written per pipeline by `batch_init`.
-const BATCH_CHUNK: i64 = 1000;
-
 pub struct Items {
     pub counters: Counters,
 }
@@ -51,21 +48,14 @@ impl Items {
 
     /// Creates (or overwrites) items `"0"`..`"n-1"`, in pipelined chunks.
     pub async fn batch_init(&self, n: i64, stock: Amount, price: Amount) -> Result<(), ApiError> {
-        let mut start = 0;
-        while start < n {
-            let end = (start + BATCH_CHUNK).min(n);
-            let mut writes = redis::pipe();
-            for i in start..end {
+        let fields = [("stock", stock.get()), ("price", price.get())];
+        self.store()
+            .write_batch(n, |writes, i| {
                 writes
-                    .hset_multiple(
-                        self.counters.key(&i.to_string()),
-                        &[("stock", stock.get()), ("price", price.get())],
-                    )
+                    .hset_multiple(self.counters.key(&i.to_string()), &fields)
                     .ignore();
-            }
-            self.store().write(&writes).await?;
-            start = end;
-        }
+            })
+            .await?;
         Ok(())
     }
 
