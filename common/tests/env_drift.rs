@@ -92,25 +92,6 @@ fn seq_at<'a>(v: &'a Value, path: &[&str]) -> &'a [Value] {
         .unwrap_or(&[])
 }
 
-/// KEY=VALUE lines of a compose env file.
-fn parse_env_file(text: &str) -> Vec<(String, String)> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| {
-            let l = l.strip_prefix("export ").unwrap_or(l);
-            let (k, v) = l.split_once('=')?;
-            let v = v.trim();
-            let v = v
-                .strip_prefix('"')
-                .and_then(|v| v.strip_suffix('"'))
-                .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
-                .unwrap_or(v);
-            Some((k.trim().to_string(), v.to_string()))
-        })
-        .collect()
-}
-
 /// The environment of the stock, payment and order services of a compose file.
 /// `read` gives the text of a file relative to the repository (env files).
 fn compose_envs(
@@ -152,7 +133,7 @@ fn compose_envs(
             let file = file.trim_start_matches("./").to_string();
             match read(&file) {
                 Some(text) => {
-                    for (k, v) in parse_env_file(&text) {
+                    for (k, v) in xtask::envfile::parse(&text) {
                         env.vars.insert(
                             k,
                             Setting {
@@ -450,7 +431,7 @@ fn compose_broker_credentials_agree() {
         .filter_map(Value::as_str)
     {
         let text = read_repo_file(file).unwrap_or_else(|| panic!("{file} is missing"));
-        broker.extend(parse_env_file(&text));
+        broker.extend(xtask::envfile::parse(&text));
     }
     if let Some(m) = rabbit.get("environment").and_then(Value::as_mapping) {
         for (k, v) in m {

@@ -20,6 +20,7 @@
 //!     Sentinel::start(dir.path(), free_port(), &[("data", master.port())], 1, 1000, 3000).unwrap();
 //! ```
 
+pub mod envfile;
 pub mod install;
 pub mod net;
 pub mod proc;

@@ -1370,23 +1370,9 @@ fn check_k8s_against_helm(
     Ok(())
 }
 
-/// KEY=VALUE lines of an env file (comments and blank lines skipped).
-fn parse_env_file(text: &str) -> BTreeMap<String, String> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| {
-            let l = l.strip_prefix("export ").unwrap_or(l);
-            let (k, v) = l.split_once('=')?;
-            let v = v.trim();
-            let v = v
-                .strip_prefix('"')
-                .and_then(|v| v.strip_suffix('"'))
-                .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
-                .unwrap_or(v);
-            Some((k.trim().to_string(), v.to_string()))
-        })
-        .collect()
+/// An env file's variables by name.
+fn parse_env_file_map(text: &str) -> BTreeMap<String, String> {
+    xtask::envfile::parse(text).into_iter().collect()
 }
 
 /// `env_file` of a compose service: a string, a list of strings or of `{path: ...}`.
@@ -1450,7 +1436,7 @@ fn check_compose_setup(root: &Path, p: &mut Problems) -> Result<()> {
         for f in compose_env_files(svc) {
             let path = root.join(&f);
             match fs::read_to_string(&path) {
-                Ok(text) => vars.extend(parse_env_file(&text)),
+                Ok(text) => vars.extend(parse_env_file_map(&text)),
                 Err(_) => p.add(format!(
                     "docker-compose.yml: {name}: env_file {f} does not exist"
                 )),
@@ -1674,14 +1660,6 @@ server {
             "saga-redis"
         );
         assert_eq!(dollar_refs("a$(X)b$(Y_Z)"), vec!["X", "Y_Z"]);
-    }
-
-    #[test]
-    fn env_files_are_parsed() {
-        let vars = parse_env_file("# c\n\nA=1\nexport B=\"two words\"\nC='x=y'\n");
-        assert_eq!(vars["A"], "1");
-        assert_eq!(vars["B"], "two words");
-        assert_eq!(vars["C"], "x=y");
     }
 
     #[test]
