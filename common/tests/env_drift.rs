@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use common::config::{EnvVar, Service, ENV_VARS};
 use serde::Deserialize;
 use serde_yaml_ng::Value;
+use xtask::yaml::{at, scalar, seq_at, str_at};
 
 /// One variable as a deployment sets it for one service.
 #[derive(Debug, Clone)]
@@ -66,30 +67,6 @@ fn yaml_docs(text: &str, file: &str) -> Vec<Value> {
         })
         .filter(|v| !v.is_null())
         .collect()
-}
-
-fn scalar(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
-fn at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
-    path.iter().try_fold(v, |v, k| v.get(*k))
-}
-
-fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
-    at(v, path).and_then(Value::as_str)
-}
-
-fn seq_at<'a>(v: &'a Value, path: &[&str]) -> &'a [Value] {
-    at(v, path)
-        .and_then(Value::as_sequence)
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
 }
 
 /// The environment of the stock, payment and order services of a compose file.

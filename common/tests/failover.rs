@@ -8,33 +8,16 @@ use std::time::{Duration, Instant};
 use common::counters::Counters;
 use common::redis_store::{RedisTarget, Store};
 use common::types::Amount;
-use xtask::{free_port, RedisServer, ScratchDir, Sentinel};
+use xtask::{ScratchDir, SentinelSet};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_resume_after_the_master_is_killed_and_none_acknowledged_is_lost() {
     let dir = ScratchDir::new("failover-test").unwrap();
-    let mut master = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let replica = RedisServer::start(dir.path(), free_port(), Some(master.port()), None).unwrap();
-    replica
-        .wait_replica_synced(Duration::from_secs(10))
-        .unwrap();
-    let sentinels: Vec<Sentinel> = (0..3)
-        .map(|_| {
-            Sentinel::start(
-                dir.path(),
-                free_port(),
-                &[("data", master.port())],
-                2,
-                1000,
-                3000,
-            )
-            .unwrap()
-        })
-        .collect();
-    for s in &sentinels {
-        s.wait_monitoring(&["data"], 1, 2, Duration::from_secs(20))
-            .unwrap();
-    }
+    let SentinelSet {
+        mut master,
+        replica,
+        sentinels,
+    } = SentinelSet::start(dir.path(), "data", Duration::from_secs(20)).unwrap();
     let target = RedisTarget::Sentinel {
         sentinels: sentinels.iter().map(|s| s.addr()).collect(),
         master_name: "data".into(),

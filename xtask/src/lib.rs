@@ -29,10 +29,11 @@ pub mod redis;
 pub mod resp;
 pub mod scratch;
 pub mod sentinel;
+pub mod yaml;
 
 pub use install::{ensure_installed, find_binary};
 pub use net::{free_port, http_get, port_is_free, wait_http_ok};
 pub use rabbit::RabbitNode;
 pub use redis::RedisServer;
 pub use scratch::ScratchDir;
-pub use sentinel::Sentinel;
+pub use sentinel::{Sentinel, SentinelSet};

@@ -195,6 +195,47 @@ impl Sentinel {
     }
 }
 
+/// A master, its replica (synced) and three Sentinels (quorum 2, down-after
+/// 1000 ms, failover-timeout 3000 ms) that all monitor it: the smallest set
+/// in which a failover can happen, as failover tests need it.
+#[derive(Debug)]
+pub struct SentinelSet {
+    pub master: crate::RedisServer,
+    pub replica: crate::RedisServer,
+    pub sentinels: Vec<Sentinel>,
+}
+
+impl SentinelSet {
+    /// Starts the set under `dir` as master `name`; returns once every Sentinel
+    /// knows the replica and the other two Sentinels.
+    pub fn start(dir: &Path, name: &str, timeout: Duration) -> Result<Self> {
+        let master = crate::RedisServer::start(dir, crate::free_port(), None, None)?;
+        let replica =
+            crate::RedisServer::start(dir, crate::free_port(), Some(master.port()), None)?;
+        replica.wait_replica_synced(timeout)?;
+        let sentinels = (0..3)
+            .map(|_| {
+                Sentinel::start(
+                    dir,
+                    crate::free_port(),
+                    &[(name, master.port())],
+                    2,
+                    1000,
+                    3000,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for s in &sentinels {
+            s.wait_monitoring(&[name], 1, 2, timeout)?;
+        }
+        Ok(SentinelSet {
+            master,
+            replica,
+            sentinels,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

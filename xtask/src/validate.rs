@@ -25,6 +25,7 @@ use std::process::{Command, Output};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 use serde_yaml_ng::Value;
+use xtask::yaml::{at, scalar, seq_at, str_at};
 
 /// Kubernetes version the manifests are validated against (kubernetes-validate ships it).
 pub const KUBERNETES_VERSION: &str = "1.34.0";
@@ -789,31 +790,6 @@ fn yaml_docs_str(text: &str) -> Result<Vec<Value>> {
         }
     }
     Ok(docs)
-}
-
-fn at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
-    path.iter().try_fold(v, |v, k| v.get(*k))
-}
-
-fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
-    at(v, path).and_then(Value::as_str)
-}
-
-fn seq_at<'a>(v: &'a Value, path: &[&str]) -> &'a [Value] {
-    at(v, path)
-        .and_then(Value::as_sequence)
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
-}
-
-/// A scalar as text (YAML `8080` and `"8080"` alike).
-fn scalar(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
 }
 
 /// A parsed Kubernetes object.

@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use xtask::{find_binary, free_port, proc, resp, RabbitNode, RedisServer, ScratchDir, Sentinel};
+use xtask::{find_binary, free_port, proc, resp, RabbitNode, RedisServer, ScratchDir, SentinelSet};
 
 fn have(program: &str) -> bool {
     let found = find_binary(program).is_some();
@@ -72,27 +72,12 @@ fn sentinels_fail_over_when_the_master_is_killed() {
         return;
     }
     let dir = ScratchDir::new("kit-sentinel").unwrap();
-    let mut master = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let replica = RedisServer::start(dir.path(), free_port(), Some(master.port()), None).unwrap();
-    replica
-        .wait_replica_synced(Duration::from_secs(10))
-        .unwrap();
-    let sentinels: Vec<Sentinel> = (0..3)
-        .map(|_| {
-            Sentinel::start(
-                dir.path(),
-                free_port(),
-                &[("data", master.port())],
-                2,
-                1000,
-                3000,
-            )
-            .unwrap()
-        })
-        .collect();
+    let SentinelSet {
+        mut master,
+        replica,
+        sentinels,
+    } = SentinelSet::start(dir.path(), "data", Duration::from_secs(30)).unwrap();
     for s in &sentinels {
-        s.wait_monitoring(&["data"], 1, 2, Duration::from_secs(30))
-            .unwrap();
         assert_eq!(s.master_port("data").unwrap(), Some(master.port()));
     }
 
