@@ -25,6 +25,16 @@ use crate::config::QueueType;
 /// Where poison messages end up (bound through the default exchange).
 pub const DEAD_LETTER_QUEUE: &str = "dead-letters";
 
+/// Bound on a whole (re)connect to the broker.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Properties of every message sent here: persistent, JSON.
+pub fn persistent_json() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(ShortString::from("application/json"))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("broker unavailable: {0}")]
@@ -79,6 +89,10 @@ impl Broker {
     }
 
     /// The shared confirm-mode channel, connecting first when needed.
+    ///
+    /// The whole connect (TCP, channel, confirm mode, declarations) is bounded
+    /// by [`CONNECT_TIMEOUT`]: it runs under the lock every publisher needs, so
+    /// a broker that accepts the socket and then hangs must not stall them all.
     async fn publisher(&self) -> Result<Channel, BrokerError> {
         let mut live = self.live.lock().await;
         if let Some(l) = live.as_ref() {
@@ -87,12 +101,17 @@ impl Broker {
             }
         }
         *live = None;
-        let connection = tokio::time::timeout(
-            Duration::from_secs(5),
-            Connection::connect(&self.url, ConnectionProperties::default()),
-        )
-        .await
-        .map_err(|_| BrokerError::Unavailable("connect timed out".into()))??;
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
+            .await
+            .map_err(|_| BrokerError::Unavailable("connect timed out".into()))??;
+        let publisher = connected.publisher.clone();
+        *live = Some(connected);
+        tracing::info!("connected to the broker");
+        Ok(publisher)
+    }
+
+    async fn connect(&self) -> Result<Live, BrokerError> {
+        let connection = Connection::connect(&self.url, ConnectionProperties::default()).await?;
         let publisher = connection.create_channel().await?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
@@ -108,12 +127,10 @@ impl Broker {
         for queue in &self.durable_queues {
             declare(&publisher, queue, QueueKind::Durable, self.queue_type, true).await?;
         }
-        tracing::info!("connected to the broker");
-        *live = Some(Live {
+        Ok(Live {
             connection,
-            publisher: publisher.clone(),
-        });
-        Ok(publisher)
+            publisher,
+        })
     }
 
     async fn connection_channel(&self) -> Result<Channel, BrokerError> {
@@ -132,13 +149,21 @@ impl Broker {
         reply_to: Option<&str>,
         body: &[u8],
     ) -> Result<(), BrokerError> {
-        let channel = self.publisher().await?;
-        let mut properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type(ShortString::from("application/json"));
+        let mut properties = persistent_json();
         if let Some(reply_to) = reply_to {
             properties = properties.with_reply_to(ShortString::from(reply_to));
         }
+        self.publish_with(queue, body, properties).await
+    }
+
+    /// Publishes with the given properties (persistent ones: see [`persistent_json`]).
+    pub async fn publish_with(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        let channel = self.publisher().await?;
         let confirm = async {
             channel
                 .basic_publish(

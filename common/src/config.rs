@@ -152,6 +152,13 @@ pub const ENV_VARS: &[EnvVar] = &[
         help: "how long a saga waits for a participant's reply before counting the step as failed",
     },
     EnvVar {
+        name: "CHECKOUT_TIMEOUT_MS",
+        default: Some("30000"),
+        required: false,
+        services: &[Order],
+        help: "how long a checkout request waits for its saga's answer before answering 503 (the saga goes on; retrying with the same Idempotency-Key waits for it); must stay below the gateway's read timeout (60 s)",
+    },
+    EnvVar {
         name: "SAGA_STEPS",
         default: Some("sequential"),
         required: false,
@@ -163,7 +170,7 @@ pub const ENV_VARS: &[EnvVar] = &[
         default: Some("3000"),
         required: false,
         services: &[Order],
-        help: "lease of a saga's owner; an expired lease lets another instance recover the saga",
+        help: "lease of a saga's owner (at least 300); an expired lease lets another instance recover the saga",
     },
     EnvVar {
         name: "LOG_FORMAT",
@@ -314,8 +321,12 @@ pub struct OrderSettings {
     pub step_order: StepOrder,
     pub stock_url: String,
     pub step_timeout: Duration,
+    pub checkout_timeout: Duration,
     pub saga_lease: Duration,
 }
+
+/// Shorter leases would be renewed more often than a store round trip allows.
+pub const MIN_SAGA_LEASE: Duration = Duration::from_millis(300);
 
 impl OrderSettings {
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -337,14 +348,36 @@ impl OrderSettings {
                 .trim_end_matches('/')
                 .to_string(),
             step_timeout: millis("STEP_TIMEOUT_MS")?,
-            saga_lease: millis("SAGA_LEASE_MS")?,
+            checkout_timeout: millis("CHECKOUT_TIMEOUT_MS")?,
+            saga_lease: lease(millis("SAGA_LEASE_MS")?)?,
         })
     }
+}
+
+fn lease(lease: Duration) -> Result<Duration, ConfigError> {
+    if lease < MIN_SAGA_LEASE {
+        return Err(ConfigError::Invalid {
+            name: "SAGA_LEASE_MS",
+            reason: format!(
+                "{} ms is too short (at least {} ms)",
+                lease.as_millis(),
+                MIN_SAGA_LEASE.as_millis()
+            ),
+        });
+    }
+    Ok(lease)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leases_too_short_to_renew_are_refused() {
+        assert!(lease(Duration::from_millis(2)).is_err());
+        assert!(lease(Duration::ZERO).is_err());
+        assert_eq!(lease(MIN_SAGA_LEASE).unwrap(), MIN_SAGA_LEASE);
+    }
 
     #[test]
     fn every_variable_is_declared_once() {
@@ -357,7 +390,12 @@ mod tests {
 
     #[test]
     fn defaults_parse() {
-        for name in ["REDIS_WAIT_TIMEOUT_MS", "STEP_TIMEOUT_MS", "SAGA_LEASE_MS"] {
+        for name in [
+            "REDIS_WAIT_TIMEOUT_MS",
+            "STEP_TIMEOUT_MS",
+            "CHECKOUT_TIMEOUT_MS",
+            "SAGA_LEASE_MS",
+        ] {
             let d = declared(name).default.unwrap();
             assert!(d.parse::<u64>().is_ok(), "{name}");
         }

@@ -4,6 +4,7 @@
 //! system's own failure (a store or the broker unreachable past the retry
 //! budget). Every error body is `{"error": "<reason>"}`.
 
+use axum::http::header::RETRY_AFTER;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -17,6 +18,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// Not now: the resource is busy (an order under checkout); retrying later may succeed.
+    #[error("{0}")]
+    Conflict(String),
     /// A dependency (store, broker, another service) is unreachable.
     #[error("{0}")]
     Unavailable(String),
@@ -29,6 +33,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Store(StoreError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -42,11 +47,13 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        (
-            status,
-            Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response()
+        let body = Json(serde_json::json!({ "error": self.to_string() }));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // The outcome is unknown or the system is busy: say when to try again
+            // (with the same Idempotency-Key, so nothing can apply twice).
+            return (status, [(RETRY_AFTER, "1")], body).into_response();
+        }
+        (status, body).into_response()
     }
 }
 
@@ -58,9 +65,17 @@ mod tests {
     fn client_mistakes_are_4xx_and_outages_5xx() {
         assert_eq!(ApiError::BadRequest("x".into()).status(), 400);
         assert_eq!(ApiError::NotFound("x".into()).status(), 404);
+        assert_eq!(ApiError::Conflict("x".into()).status(), 409);
         assert_eq!(
             ApiError::Store(StoreError::Unavailable("x".into())).status(),
             503
         );
+    }
+
+    #[test]
+    fn unavailable_says_when_to_retry() {
+        let response = ApiError::Unavailable("x".into()).into_response();
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()[RETRY_AFTER], "1");
     }
 }

@@ -57,6 +57,7 @@ impl Default for KeyLocks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -65,12 +66,27 @@ mod tests {
         let locks = Arc::new(KeyLocks::new(64));
         let held = locks.lock(["a", "b"]).await;
         let l2 = locks.clone();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let acquired = Arc::new(AtomicBool::new(false));
+        let acquired2 = acquired.clone();
         let same = tokio::spawn(async move {
+            started_tx.send(()).unwrap();
             // The other order of the same keys: stripes are taken sorted, so no deadlock.
             let _g = l2.lock(["b", "a"]).await;
+            acquired2.store(true, Ordering::SeqCst);
         });
+        // The second locker has run up to its `lock` call...
+        tokio::time::timeout(Duration::from_secs(1), started_rx)
+            .await
+            .expect("the second locker never started")
+            .unwrap();
+        // ...and, given time to get in, it has not.
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!same.is_finished(), "second lock on the same keys got in");
+        assert!(
+            !acquired.load(Ordering::SeqCst),
+            "second lock on the same keys got in"
+        );
         let other = (0..1000)
             .map(|i| format!("k{i}"))
             .find(|k| {
@@ -81,10 +97,18 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), locks.lock([other.as_str()]))
             .await
             .expect("a lock on another key waited");
+        assert!(
+            !acquired.load(Ordering::SeqCst),
+            "second lock on the same keys got in while the first was held"
+        );
         drop(held);
         tokio::time::timeout(Duration::from_secs(1), same)
             .await
             .expect("released lock never handed over")
             .unwrap();
+        assert!(
+            acquired.load(Ordering::SeqCst),
+            "the second locker finished without taking the lock"
+        );
     }
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod counters;
 pub mod error;
 pub mod http;
+pub mod idempotency;
 pub mod keylock;
 pub mod messages;
 pub mod participant;
@@ -14,3 +15,11 @@ pub mod redis_store;
 pub mod service;
 pub mod telemetry;
 pub mod types;
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -75,6 +75,10 @@ pub enum Action {
     Charge { user_id: UserId, amount: Amount },
     /// Payment: give back what `Charge` took for this saga (if anything).
     Refund { user_id: UserId, amount: Amount },
+    /// Either participant: the saga committed, so what it took will never be
+    /// given back. Frees the reserve kept for a give-back and the per-saga
+    /// record. Sent without `reply_to`: nobody waits for it.
+    Settle,
 }
 
 /// The kind of an [`Action`], used to match replies to what was asked.
@@ -85,6 +89,7 @@ pub enum Step {
     Release,
     Charge,
     Refund,
+    Settle,
 }
 
 impl Action {
@@ -94,7 +99,13 @@ impl Action {
             Action::Release { .. } => Step::Release,
             Action::Charge { .. } => Step::Charge,
             Action::Refund { .. } => Step::Refund,
+            Action::Settle => Step::Settle,
         }
+    }
+
+    /// A step that takes something (as opposed to giving back or settling).
+    pub fn is_forward(&self) -> bool {
+        matches!(self, Action::Reserve { .. } | Action::Charge { .. })
     }
 }
 
@@ -103,15 +114,28 @@ pub struct Command {
     pub saga_id: SagaId,
     #[serde(flatten)]
     pub action: Action,
+    /// Unix time (ms) after which a forward step must not be applied: the
+    /// orchestrator has counted it as unanswered by then. Bounding a command's
+    /// age is what lets participants forget their per-saga records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
 }
 
-/// The recorded result of a command. A compensation always ends `Applied`
-/// (giving back nothing is a successful give-back).
+/// The result of a command. A compensation ends `Applied` (giving back
+/// nothing is a successful give-back) unless it `Failed`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
     Applied,
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
+    /// The participant could not apply it for a reason retrying does not
+    /// cure and dead-lettered it. Whether a forward step took anything is
+    /// then unknown; a compensation that failed needs an operator.
+    Failed {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,12 +160,18 @@ mod tests {
                     quantity: Amount::new(2).unwrap(),
                 }],
             },
+            expires_at_ms: Some(1),
         };
         let body = Batch::of(vec![command.clone()]).to_json();
         let text = String::from_utf8(body.clone()).unwrap();
         assert!(text.contains("\"action\":\"reserve\""), "{text}");
         let back = Batch::<Command>::from_json(&body).unwrap();
         assert_eq!(back.items, vec![command]);
+        // A settle has no fields besides the saga; an old command without expiry still decodes.
+        let settle = br#"{"version":1,"items":[{"saga_id":"6c1f5b8e-0a4b-4c43-9a53-1f0f2b0d4c11","action":"settle"}]}"#;
+        let decoded = Batch::<Command>::from_json(settle).unwrap();
+        assert_eq!(decoded.items[0].action, Action::Settle);
+        assert_eq!(decoded.items[0].expires_at_ms, None);
     }
 
     #[test]

@@ -4,8 +4,18 @@
 //! applied (its outcome committed beside the data) and the replies have been
 //! confirmed by the broker. A crash anywhere before that leads to a
 //! redelivery, which finds the recorded outcomes and replies again without
-//! applying anything twice. A message that cannot be decoded is rejected to
-//! the dead-letter queue instead of being redelivered forever.
+//! applying anything twice.
+//!
+//! When a command cannot be applied, the message is never simply requeued
+//! (that puts it straight back at the head of the queue: a spin). Instead a
+//! copy with an attempt count (`x-attempts`) is published to the back of the
+//! queue after a backoff, and the original is acked; nothing waits behind it.
+//! An outage of the store (retrying cures it) is retried like that without
+//! end. Any other failure (a corrupt value, a command Redis refuses) is
+//! retried [`PERMANENT_ATTEMPTS`] times, then the failing commands go to the
+//! dead-letter queue with their reason and the orchestrator is told
+//! [`Outcome::Failed`]. A message that cannot be decoded is rejected to the
+//! dead-letter queue at once.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,9 +23,10 @@ use std::time::Duration;
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use crate::broker::{Broker, QueueKind};
-use crate::messages::{Batch, Command, Outcome, Reply};
+use crate::broker::{persistent_json, Broker, QueueKind, DEAD_LETTER_QUEUE};
+use crate::messages::{Batch, Command, Outcome, Reply, Step};
 use crate::redis_store::StoreError;
 
 /// Applies commands exactly once: the participant's own store logic.
@@ -23,6 +34,11 @@ pub trait Ledger: Send + Sync + 'static {
     /// Applies `command` (or finds its recorded outcome) and returns the outcome.
     fn apply(&self, command: &Command) -> impl Future<Output = Result<Outcome, StoreError>> + Send;
 }
+
+/// Tries of a command that fails for a reason other than an unreachable store.
+pub const PERMANENT_ATTEMPTS: i64 = 5;
+const ATTEMPTS_HEADER: &str = "x-attempts";
+const FIRST_SEEN_HEADER: &str = "x-first-seen-ms";
 
 /// Consumes `queue` for the life of the process, applying each command with `ledger`.
 pub async fn serve_commands<L: Ledger>(
@@ -44,61 +60,176 @@ async fn handle<L: Ledger>(broker: Arc<Broker>, ledger: Arc<L>, delivery: Delive
         Ok(batch) => batch,
         Err(e) => {
             tracing::error!(error = %e, "poison message sent to the dead-letter queue");
-            metrics::counter!("broker_dead_lettered_total").increment(1);
+            metrics::counter!("broker_dead_lettered_total", "reason" => "undecodable").increment(1);
             let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
             return;
         }
     };
     let outcomes = futures::future::join_all(batch.items.iter().map(|c| ledger.apply(c))).await;
+    let attempts = header_int(&delivery, ATTEMPTS_HEADER).unwrap_or(0) + 1;
     let mut replies = Vec::with_capacity(outcomes.len());
+    let mut failed = Vec::new();
     for (command, outcome) in batch.items.iter().zip(outcomes) {
-        match outcome {
-            Ok(outcome) => {
-                let label = match &outcome {
-                    Outcome::Applied => "applied",
-                    Outcome::Refused { .. } => "refused",
-                };
-                metrics::counter!("participant_commands_total", "step" => format!("{:?}", command.action.step()), "outcome" => label)
-                    .increment(1);
-                replies.push(Reply {
-                    saga_id: command.saga_id,
-                    step: command.action.step(),
-                    outcome,
-                });
-            }
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
             Err(e) => {
-                // The store stayed unreachable past its retry budget: try the whole message later.
-                // Commands of it that did apply are recorded, so the retry will not repeat them.
-                tracing::error!(error = %e, saga = %command.saga_id, "command not applied, will be redelivered");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let _ = delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
-                return;
+                let curable = matches!(e, StoreError::Unavailable(_));
+                if curable || attempts < PERMANENT_ATTEMPTS {
+                    tracing::warn!(error = %e, saga = %command.saga_id, attempts, "command not applied; will try again");
+                    retry_later(&broker, delivery, attempts).await;
+                    return;
+                }
+                tracing::error!(error = %e, saga = %command.saga_id, attempts, "command failed for good; dead-lettered");
+                failed.push(command.clone());
+                Outcome::Failed {
+                    reason: e.to_string(),
+                }
             }
-        }
+        };
+        let label = match &outcome {
+            Outcome::Applied => "applied",
+            Outcome::Refused { .. } => "refused",
+            Outcome::Failed { .. } => "failed",
+        };
+        metrics::counter!("participant_commands_total", "step" => format!("{:?}", command.action.step()), "outcome" => label)
+            .increment(1);
+        replies.push(Reply {
+            saga_id: command.saga_id,
+            step: command.action.step(),
+            outcome,
+        });
     }
-    if let Some(reply_to) = delivery.properties.reply_to() {
+    if !failed.is_empty()
+        && dead_letter(&broker, &delivery, &failed, attempts)
+            .await
+            .is_err()
+    {
+        let _ = delivery.nack(requeue()).await;
+        return;
+    }
+    // A settle needs no answer, and sends none.
+    replies.retain(|r| r.step != Step::Settle);
+    if let (Some(reply_to), false) = (delivery.properties.reply_to(), replies.is_empty()) {
         let body = Batch::of(replies).to_json();
         if let Err(e) = broker
             .publish_retrying(reply_to.as_str(), None, &body, Duration::from_secs(10))
             .await
         {
             tracing::warn!(error = %e, "reply not confirmed; the command will be redelivered");
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
+            let _ = delivery.nack(requeue()).await;
             return;
         }
     }
     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
         // The broker will redeliver; the recorded outcome makes that harmless.
         tracing::warn!(error = %e, "ack failed");
+    }
+}
+
+fn requeue() -> BasicNackOptions {
+    BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    }
+}
+
+/// How long to wait before attempt `attempts + 1`.
+fn backoff(attempts: i64) -> Duration {
+    let exp = attempts.clamp(1, 7) as u32 - 1;
+    Duration::from_millis(100 * 2u64.pow(exp)).min(Duration::from_secs(5))
+}
+
+/// Puts the message at the back of its queue with one more attempt counted,
+/// after a backoff. Only if that copy cannot be published is the original
+/// requeued (the broker itself is in trouble then).
+async fn retry_later(broker: &Broker, delivery: Delivery, attempts: i64) {
+    tokio::time::sleep(backoff(attempts)).await;
+    let queue = delivery.routing_key.as_str().to_string();
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongLongInt(attempts));
+    if header_int(&delivery, FIRST_SEEN_HEADER).is_none() {
+        headers.insert(
+            FIRST_SEEN_HEADER.into(),
+            AMQPValue::LongLongInt(crate::now_ms() as i64),
+        );
+    }
+    let mut properties = persistent_json().with_headers(headers);
+    if let Some(reply_to) = delivery.properties.reply_to() {
+        properties = properties.with_reply_to(reply_to.clone());
+    }
+    metrics::counter!("participant_retries_total").increment(1);
+    match broker
+        .publish_with(&queue, &delivery.data, properties)
+        .await
+    {
+        Ok(()) => {
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "retry copy not published; requeueing");
+            let _ = delivery.nack(requeue()).await;
+        }
+    }
+}
+
+/// Publishes the commands that failed for good to the dead-letter queue,
+/// with what an operator needs: why, from where, which sagas, how often, when.
+async fn dead_letter(
+    broker: &Broker,
+    delivery: &Delivery,
+    failed: &[Command],
+    attempts: i64,
+) -> Result<(), ()> {
+    let now = crate::now_ms() as i64;
+    let sagas: Vec<String> = failed.iter().map(|c| c.saga_id.to_string()).collect();
+    let mut headers = FieldTable::default();
+    let text = |s: String| AMQPValue::LongString(LongString::from(s));
+    headers.insert("x-reason".into(), text("store_error".into()));
+    headers.insert(
+        "x-original-queue".into(),
+        text(delivery.routing_key.to_string()),
+    );
+    headers.insert("x-saga-ids".into(), text(sagas.join(",")));
+    headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongLongInt(attempts));
+    let first_seen = header_int(delivery, FIRST_SEEN_HEADER).unwrap_or(now);
+    headers.insert(FIRST_SEEN_HEADER.into(), AMQPValue::LongLongInt(first_seen));
+    headers.insert("x-last-seen-ms".into(), AMQPValue::LongLongInt(now));
+    let body = Batch::of(failed.to_vec()).to_json();
+    let properties = persistent_json().with_headers(headers);
+    match broker
+        .publish_with(DEAD_LETTER_QUEUE, &body, properties)
+        .await
+    {
+        Ok(()) => {
+            metrics::counter!("broker_dead_lettered_total", "reason" => "store_error")
+                .increment(failed.len() as u64);
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "dead letter not published; requeueing");
+            Err(())
+        }
+    }
+}
+
+fn header_int(delivery: &Delivery, name: &str) -> Option<i64> {
+    let headers = delivery.properties.headers().as_ref()?;
+    match headers.inner().get(&ShortString::from(name))? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(50), Duration::from_secs(5));
     }
 }

@@ -18,11 +18,13 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use deadpool_redis::{sentinel, Runtime};
 use redis::aio::ConnectionLike;
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
+
+use crate::now_ms;
 
 /// How one store is reached.
 #[derive(Debug, Clone)]
@@ -330,13 +332,15 @@ impl Store {
         F: FnMut(Conn) -> Fut,
         Fut: Future<Output = (Conn, Result<Tx<T>, StoreError>)>,
     {
-        let watch = redis::cmd("WATCH")
-            .arg(keys)
-            .query_async::<()>(&mut conn)
-            .await;
-        if let Err(e) = watch {
-            conn.discard();
-            return Err(StoreError::Redis(e));
+        if !keys.is_empty() {
+            let watch = redis::cmd("WATCH")
+                .arg(keys)
+                .query_async::<()>(&mut conn)
+                .await;
+            if let Err(e) = watch {
+                conn.discard();
+                return Err(StoreError::Redis(e));
+            }
         }
         let (mut conn, decision) = body(conn).await;
         let result = async {
@@ -459,13 +463,6 @@ impl Retry<'_> {
         self.backoff = (self.backoff * 2).min(Duration::from_millis(500));
         Ok(())
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Errors a retry on a freshly resolved master can cure.

@@ -25,19 +25,25 @@ pub fn init_logging() {
     };
 }
 
-/// Installs the global metrics recorder and returns the handle that renders `/metrics`.
+/// Installs the global metrics recorder (once per process) and returns the
+/// handle that renders `/metrics`. Tests run several apps in one process:
+/// each gets the handle of the recorder that was actually installed.
 pub fn init_metrics() -> PrometheusHandle {
-    let buckets = [
-        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    ];
-    let recorder = PrometheusBuilder::new()
-        .set_buckets(&buckets)
-        .expect("bucket list is not empty")
-        .build_recorder();
-    let handle = recorder.handle();
-    // A second install (tests running several apps in one process) keeps the first recorder.
-    let _ = metrics::set_global_recorder(recorder);
-    handle
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&buckets)
+                .expect("bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
 }
 
 /// Counts requests and observes their latency by method, route and status.

@@ -70,6 +70,7 @@ pub fn build(
             payment_queue: queues.payment,
             reply_queue,
             step_timeout: order_settings.step_timeout,
+            checkout_timeout: order_settings.checkout_timeout,
             lease: order_settings.saga_lease,
             step_order: order_settings.step_order,
             instance: settings.instance_id.clone(),

@@ -1,16 +1,30 @@
 //! Orders in the order store: `order:<id>` holds the order as JSON. Every
 //! change is a WATCH/MULTI/EXEC transaction on that one key, serialised per
 //! order inside the process.
+//!
+//! An order under checkout is frozen: `checkout` names the saga that froze
+//! it, and nothing but that saga's decision may change it. The decision
+//! itself is a compare-and-set here, on the order, because this is the one
+//! record that says what was bought:
+//! - [`Orders::commit`] marks it paid only if that saga still holds it, so
+//!   a paid order was charged and reserved for exactly what it shows;
+//! - [`Orders::fence`] (abort, or recovery of a saga whose owner died)
+//!   removes the saga's hold, after which that saga can never commit.
+//!
+//! `batch_init` overwriting an order removes the hold as well, so a saga whose
+//! order was reset under it aborts and gives everything back.
 
 use std::sync::Arc;
 
 use common::error::ApiError;
+use common::idempotency::{self, replay, Answer, IdemKey};
 use common::keylock::KeyLocks;
 use common::messages::Line;
 use common::redis_store::{Conn, Store, StoreError, Tx};
-use common::types::{Amount, ItemId, OrderId, UserId};
+use common::types::{Amount, ItemId, OrderId, SagaId, UserId};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Order {
@@ -19,10 +33,22 @@ pub struct Order {
     /// One line per item: adding an item that is already there sums the quantities.
     pub items: Vec<(ItemId, Amount)>,
     pub total_cost: Amount,
-    /// New each time the order is (re)created: `batch_init` may overwrite a
-    /// paid order with an unpaid one, and its checkout must then be a new
-    /// checkout, not a replay of the old one (see `saga_store`).
-    pub incarnation: String,
+    /// The saga whose checkout froze the order (while it may still run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkout: Option<SagaId>,
+    /// The saga that paid the order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paid_by: Option<SagaId>,
+}
+
+/// What [`Orders::freeze`] found.
+#[derive(Debug, PartialEq)]
+pub enum Freeze {
+    /// The order is now held by the saga.
+    Frozen,
+    /// The order is not the one the saga was begun from any more.
+    Changed,
+    NotFound,
 }
 
 impl Order {
@@ -32,7 +58,8 @@ impl Order {
             paid: false,
             items: Vec::new(),
             total_cost: Amount::ZERO,
-            incarnation: uuid::Uuid::new_v4().simple().to_string(),
+            checkout: None,
+            paid_by: None,
         }
     }
 
@@ -90,12 +117,21 @@ impl Orders {
         }
     }
 
-    pub async fn create(&self, user_id: UserId) -> Result<OrderId, ApiError> {
-        let id = OrderId::new_random();
-        let mut writes = redis::pipe();
-        writes.set(key(&id), encode(&Order::new(user_id))).ignore();
-        self.store.write(&writes).await?;
-        Ok(id)
+    /// Creates an empty order, once per idempotency key.
+    pub async fn create(&self, user_id: UserId, idem: &IdemKey) -> Result<Answer, ApiError> {
+        idempotency::once(&self.store, idem, || {
+            let id = OrderId::new_random();
+            let mut writes = redis::pipe();
+            writes
+                .set(key(&id), encode(&Order::new(user_id.clone())))
+                .ignore();
+            (writes, Answer::ok(json!({ "order_id": id })))
+        })
+        .await
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Creates (or overwrites) orders `"0"`..`"n-1"`, each for a random user
@@ -150,32 +186,90 @@ impl Orders {
         Ok(serde_json::from_str(&raw).map_err(|e| StoreError::corrupt(&key, e))?)
     }
 
-    /// Changes an order in one transaction; `change` may refuse with an error.
-    async fn update(
+    /// Changes an order in one transaction. `change` sees the order (or
+    /// `None`) and says what to write and what to return.
+    async fn update<T>(
         &self,
         id: &OrderId,
-        change: impl Fn(Order) -> Result<Option<Order>, ApiError>,
-    ) -> Result<Order, ApiError> {
+        change: impl Fn(Option<Order>) -> (Option<Order>, T),
+    ) -> Result<T, StoreError> {
         let key = key(id);
         let _guard = self.locks.lock([key.as_str()]).await;
         let (key, change) = (&key, &change);
         self.store
             .transact(std::slice::from_ref(key), |mut conn| async move {
                 let decision = async {
-                    let Some(order) = read(&mut conn, key).await? else {
-                        return Ok(Tx::Abort(Err(ApiError::NotFound(format!(
-                            "order {id} not found"
-                        )))));
-                    };
-                    Ok(match change(order.clone()) {
-                        Err(refusal) => Tx::Abort(Err(refusal)),
-                        Ok(None) => Tx::Abort(Ok(order)),
-                        Ok(Some(new)) => {
+                    let order = read(&mut conn, key).await?;
+                    Ok(match change(order) {
+                        (None, value) => Tx::Abort(value),
+                        (Some(new), value) => {
                             let mut writes = redis::pipe();
                             writes.set(key, encode(&new)).ignore();
-                            Tx::Commit(writes, Ok(new))
+                            Tx::Commit(writes, value)
                         }
                     })
+                }
+                .await;
+                (conn, decision)
+            })
+            .await
+    }
+
+    /// `addItem`: adds an item at `price` each, once per idempotency key.
+    /// Refused while a checkout holds the order (409, not recorded: "not
+    /// now"), unless that hold is `stale` (its saga has ended), which is then
+    /// cleared. Refused (400) when the order is paid or a sum overflows.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn add_item(
+        &self,
+        id: &OrderId,
+        item: &ItemId,
+        quantity: Amount,
+        price: Amount,
+        stale: Option<SagaId>,
+        idem: &IdemKey,
+        render: impl Fn(&Order) -> Value,
+    ) -> Result<Answer, ApiError> {
+        let key = key(id);
+        let idem_key = idem.redis_key();
+        let _guard = self.locks.lock([key.as_str()]).await;
+        let watched = [key.clone(), idem_key.clone()];
+        let (key, idem_key, render) = (&key, &idem_key, &render);
+        self.store
+            .transact(&watched, |mut conn| async move {
+                let decision = async {
+                    if let Some(first) = replay(&mut conn, idem_key).await? {
+                        return Ok(Tx::Abort(Ok(first)));
+                    }
+                    let mut writes = redis::pipe();
+                    let answer = match read(&mut conn, key).await? {
+                        None => Answer::refusal(&ApiError::NotFound(format!(
+                            "order {id} not found"
+                        ))),
+                        Some(order) if order.paid => Answer::refusal(&ApiError::BadRequest(
+                            format!("order {id} is already paid: no items can be added"),
+                        )),
+                        Some(order) if order.checkout.is_some() && order.checkout != stale => {
+                            return Ok(Tx::Abort(Err(under_checkout(id))));
+                        }
+                        Some(order) => {
+                            let thawed = Order {
+                                checkout: None,
+                                ..order
+                            };
+                            match thawed.with_item(item.clone(), quantity, price) {
+                                Some(new) => {
+                                    writes.set(key, encode(&new)).ignore();
+                                    Answer::ok(render(&new))
+                                }
+                                None => Answer::refusal(&ApiError::BadRequest(format!(
+                                    "adding {quantity} x {price} to order {id} would overflow its total"
+                                ))),
+                            }
+                        }
+                    };
+                    idem.record(&mut writes, &answer);
+                    Ok(Tx::Commit(writes, Ok(answer)))
                 }
                 .await;
                 (conn, decision)
@@ -183,45 +277,70 @@ impl Orders {
             .await?
     }
 
-    /// Adds an item at `price` each; refused when the order is paid or a sum overflows.
-    pub async fn add_item(
+    /// Freezes the order for `saga`, if it is still exactly `seen` (the
+    /// snapshot the saga was begun from, including a stale hold).
+    pub async fn freeze(
         &self,
         id: &OrderId,
-        item: &ItemId,
-        quantity: Amount,
-        price: Amount,
-    ) -> Result<Order, ApiError> {
-        self.update(id, |order| {
-            if order.paid {
-                return Err(ApiError::BadRequest(format!(
-                    "order {id} is already paid: no items can be added"
-                )));
-            }
-            order
-                .with_item(item.clone(), quantity, price)
-                .map(Some)
-                .ok_or_else(|| {
-                    ApiError::BadRequest(format!(
-                        "adding {quantity} x {price} to order {id} would overflow its total"
-                    ))
-                })
+        saga: SagaId,
+        seen: &Order,
+    ) -> Result<Freeze, StoreError> {
+        self.update(id, |order| match order {
+            None => (None, Freeze::NotFound),
+            Some(order) if order == *seen => (
+                Some(Order {
+                    checkout: Some(saga),
+                    ..order
+                }),
+                Freeze::Frozen,
+            ),
+            Some(_) => (None, Freeze::Changed),
         })
         .await
     }
 
-    /// Marks the order paid (idempotent), unless it was re-created since
-    /// `incarnation` (then the saga paid for an order that no longer exists).
-    pub async fn mark_paid(&self, id: &OrderId, incarnation: &str) -> Result<(), ApiError> {
-        self.update(id, |order| {
-            let current = order.incarnation == incarnation;
-            Ok((current && !order.paid).then_some(Order {
-                paid: true,
-                ..order
-            }))
+    /// The commit point of a checkout: marks the order paid by `saga` if
+    /// `saga` still holds it. True when the order is paid by `saga` now
+    /// (also on a repeat).
+    pub async fn commit(&self, id: &OrderId, saga: SagaId) -> Result<bool, StoreError> {
+        self.update(id, |order| match order {
+            Some(o) if o.paid_by == Some(saga) => (None, true),
+            Some(o) if o.checkout == Some(saga) => (
+                Some(Order {
+                    paid: true,
+                    paid_by: Some(saga),
+                    checkout: None,
+                    ..o
+                }),
+                true,
+            ),
+            _ => (None, false),
         })
         .await
-        .map(|_| ())
     }
+
+    /// The abort point: takes `saga`'s hold off the order, so it can never
+    /// commit. True if it had committed already (then nothing changes).
+    pub async fn fence(&self, id: &OrderId, saga: SagaId) -> Result<bool, StoreError> {
+        self.update(id, |order| match order {
+            Some(o) if o.paid_by == Some(saga) => (None, true),
+            Some(o) if o.checkout == Some(saga) => (
+                Some(Order {
+                    checkout: None,
+                    ..o
+                }),
+                false,
+            ),
+            _ => (None, false),
+        })
+        .await
+    }
+}
+
+fn under_checkout(id: &OrderId) -> ApiError {
+    ApiError::Conflict(format!(
+        "order {id} is being checked out; items can be added once the checkout has ended"
+    ))
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The order HTTP API (see API.md): every number in a path is parsed here,
-//! so bad input is refused before anything touches a store.
+//! so bad input is refused before anything touches a store. Every POST takes
+//! its idempotency key ([`IdemKey`]) and answers a repeat with the first answer.
 
 use std::sync::Arc;
 
@@ -9,10 +10,11 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use common::error::ApiError;
+use common::idempotency::{self, Answer, IdemKey};
 use common::types::{parse_batch_size, Amount, ItemId, OrderId, UserId};
 
 use crate::orders::Order;
-use crate::saga::{CheckoutOutcome, Orchestrator};
+use crate::saga::{Hold, Orchestrator};
 use crate::stock_client::StockClient;
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -35,46 +37,55 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-fn view(id: &OrderId, order: &Order) -> Json<Value> {
-    Json(json!({
+fn view(id: &OrderId, order: &Order) -> Value {
+    json!({
         "order_id": id,
         "paid": order.paid,
         "items": order.items,
         "user_id": order.user_id,
         "total_cost": order.total_cost,
-    }))
+    })
 }
 
-async fn create(State(s): State<Arc<AppState>>, Path(user): Path<String>) -> Result<Json<Value>> {
+async fn create(
+    State(s): State<Arc<AppState>>,
+    idem: IdemKey,
+    Path(user): Path<String>,
+) -> Result<Answer> {
     let user = UserId::parse(&user)?;
-    let id = s.saga.orders.create(user).await?;
-    Ok(Json(json!({ "order_id": id })))
+    s.saga.orders.create(user, &idem).await
 }
 
 async fn batch_init(
     State(s): State<Arc<AppState>>,
+    idem: IdemKey,
     Path((n, n_items, n_users, price)): Path<(String, String, String, String)>,
-) -> Result<Json<Value>> {
+) -> Result<Answer> {
     let n = parse_batch_size("n", &n)?;
     let n_items = parse_batch_size("n_items", &n_items)?;
     let n_users = parse_batch_size("n_users", &n_users)?;
     let price = Amount::parse("item_price", &price)?;
-    s.saga.orders.batch_init(n, n_items, n_users, price).await?;
-    Ok(Json(
-        json!({ "msg": format!("batch init for {n} orders successful") }),
-    ))
+    let orders = &s.saga.orders;
+    idempotency::once_after(orders.store(), &idem, async {
+        orders.batch_init(n, n_items, n_users, price).await?;
+        Ok(Answer::ok(
+            json!({ "msg": format!("batch init for {n} orders successful") }),
+        ))
+    })
+    .await
 }
 
 async fn find(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Value>> {
     let id = OrderId::parse(&id)?;
     let order = s.saga.orders.find(&id).await?;
-    Ok(view(&id, &order))
+    Ok(Json(view(&id, &order)))
 }
 
 async fn add_item(
     State(s): State<Arc<AppState>>,
+    idem: IdemKey,
     Path((id, item, quantity)): Path<(String, String, String)>,
-) -> Result<Json<Value>> {
+) -> Result<Answer> {
     let id = OrderId::parse(&id)?;
     let item = ItemId::parse(&item)?;
     let quantity = Amount::parse_positive("quantity", &quantity)?;
@@ -83,17 +94,28 @@ async fn add_item(
     if order.paid {
         return Err(ApiError::BadRequest(format!("order {id} is already paid")));
     }
+    let stale = match s.saga.hold(&order).await? {
+        Hold::Held(_) => {
+            return Err(ApiError::Conflict(format!(
+                "order {id} is being checked out; items can be added once the checkout has ended"
+            )))
+        }
+        Hold::Stale(saga) => Some(saga),
+        Hold::Free => None,
+    };
     let price = s.stock.price(&item).await?;
-    let order = s.saga.orders.add_item(&id, &item, quantity, price).await?;
-    Ok(view(&id, &order))
+    let render = |order: &Order| view(&id, order);
+    s.saga
+        .orders
+        .add_item(&id, &item, quantity, price, stale, &idem, render)
+        .await
 }
 
-async fn checkout(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Value>> {
+async fn checkout(
+    State(s): State<Arc<AppState>>,
+    idem: IdemKey,
+    Path(id): Path<String>,
+) -> Result<Answer> {
     let id = OrderId::parse(&id)?;
-    match s.saga.checkout(&id).await? {
-        CheckoutOutcome::Paid => Ok(Json(json!({ "order_id": id, "paid": true }))),
-        CheckoutOutcome::Refused(reason) => {
-            Err(ApiError::BadRequest(format!("checkout refused: {reason}")))
-        }
-    }
+    s.saga.checkout(&id, &idem).await
 }

@@ -17,7 +17,8 @@ use common::messages::{Action, Batch, Command, Line, Outcome, Reply};
 use common::redis_store::RedisTarget;
 use common::types::{Amount, ItemId, SagaId};
 use serde_json::Value;
-use xtask::{free_port, RabbitNode, RedisServer, ScratchDir};
+use xtask::faultproxy::Mode;
+use xtask::{free_port, FaultProxy, RabbitNode, RedisServer, ScratchDir};
 
 /// A broker of the run's own, when `TEST_AMQP_URL` does not name one.
 struct TestBroker {
@@ -65,6 +66,11 @@ fn settings(service: Service, redis: &RedisServer, db: u8, amqp: &str) -> Settin
 }
 
 async fn fleet(amqp: &str) -> Fleet {
+    fleet_with(amqp, amqp).await
+}
+
+/// A fleet whose order service reaches the broker at `order_amqp` (a fault proxy, say).
+async fn fleet_with(amqp: &str, order_amqp: &str) -> Fleet {
     let amqp = amqp.to_string();
     let dir = ScratchDir::new("saga-test").unwrap();
     let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
@@ -89,6 +95,7 @@ async fn fleet(amqp: &str) -> Fleet {
         step_order: StepOrder::Parallel,
         stock_url: stock.clone(),
         step_timeout: Duration::from_secs(5),
+        checkout_timeout: Duration::from_secs(20),
         saga_lease: Duration::from_secs(2),
     };
     let queues = order::Queues {
@@ -96,7 +103,7 @@ async fn fleet(amqp: &str) -> Fleet {
         payment: payment_queue,
     };
     let order = order::build(
-        &settings(Service::Order, &redis, 3, &amqp),
+        &settings(Service::Order, &redis, 3, order_amqp),
         &order_settings,
         queues,
     )
@@ -133,34 +140,64 @@ impl Fleet {
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
+    async fn get_text(&self, url: &str) -> String {
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     async fn get(&self, url: &str) -> (u16, Value) {
         let r = self.http.get(url).send().await.unwrap();
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
+    /// A POST that must succeed (set-up): its status is checked, its body returned.
+    async fn post_ok(&self, url: &str) -> Value {
+        let (status, body) = self.post(url).await;
+        assert_eq!(status, 200, "POST {url} -> {status} {body}");
+        body
+    }
+
+    async fn post_with_key(&self, url: &str, key: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(url)
+            .header("Idempotency-Key", key)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
     async fn item(&self, stock: i64, price: i64) -> String {
-        let (_, v) = self
-            .post(&format!("{}/item/create/{price}", self.stock))
+        let v = self
+            .post_ok(&format!("{}/item/create/{price}", self.stock))
             .await;
         let id = v["item_id"].as_str().unwrap().to_string();
         if stock > 0 {
-            self.post(&format!("{}/add/{id}/{stock}", self.stock)).await;
+            self.post_ok(&format!("{}/add/{id}/{stock}", self.stock))
+                .await;
         }
         id
     }
 
     async fn user(&self, credit: i64) -> String {
-        let (_, v) = self.post(&format!("{}/create_user", self.payment)).await;
+        let v = self.post_ok(&format!("{}/create_user", self.payment)).await;
         let id = v["user_id"].as_str().unwrap().to_string();
         if credit > 0 {
-            self.post(&format!("{}/add_funds/{id}/{credit}", self.payment))
+            self.post_ok(&format!("{}/add_funds/{id}/{credit}", self.payment))
                 .await;
         }
         id
     }
 
     async fn order(&self, user: &str, items: &[(&str, i64)]) -> String {
-        let (_, v) = self.post(&format!("{}/create/{user}", self.order)).await;
+        let v = self.post_ok(&format!("{}/create/{user}", self.order)).await;
         let id = v["order_id"].as_str().unwrap().to_string();
         for (item, qty) in items {
             let (status, _) = self
@@ -186,8 +223,21 @@ impl Fleet {
     }
 
     async fn paid(&self, order: &str) -> bool {
-        self.get(&format!("{}/find/{order}", self.order)).await.1["paid"]
-            .as_bool()
+        self.find_order(order).await["paid"].as_bool().unwrap()
+    }
+
+    async fn find_order(&self, order: &str) -> Value {
+        let (status, body) = self.get(&format!("{}/find/{order}", self.order)).await;
+        assert_eq!(status, 200, "find {order}: {body}");
+        body
+    }
+
+    /// A direct connection to one service's database (to corrupt or inspect it).
+    async fn db(&self, db: u8) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(format!("{}/{db}", self._redis.url()))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
             .unwrap()
     }
 
@@ -297,6 +347,7 @@ async fn a_command_delivered_twice_over_the_broker_applies_once(amqp: &str) {
                 quantity: Amount::new(4).unwrap(),
             }],
         },
+        expires_at_ms: None,
     };
     let outcomes = deliver(&f, &reserve, 2).await;
     assert_eq!(outcomes, vec![Outcome::Applied, Outcome::Applied]);
@@ -316,15 +367,352 @@ async fn a_late_command_after_its_compensation_is_refused_over_the_broker(amqp: 
         action: Action::Release {
             lines: lines.clone(),
         },
+        expires_at_ms: None,
     };
     let reserve = Command {
         saga_id,
         action: Action::Reserve { lines },
+        expires_at_ms: None,
     };
     assert_eq!(deliver(&f, &release, 1).await, vec![Outcome::Applied]);
     let late = deliver(&f, &reserve, 1).await;
     assert!(matches!(late[0], Outcome::Refused { .. }), "{late:?}");
     assert_eq!(f.stock_of(&item).await, 10);
+}
+
+/// The port of an `amqp://user:pass@host:port/vhost` URL.
+fn amqp_port(url: &str) -> u16 {
+    let authority = url
+        .split('@')
+        .next_back()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    authority.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// A fleet whose order service talks to the broker through a proxy that
+/// delays every chunk: a checkout then takes long enough for other requests
+/// to land deterministically in the middle of it.
+async fn slow_saga_fleet(amqp: &str) -> (Fleet, FaultProxy) {
+    let proxy = FaultProxy::start(amqp_port(amqp)).unwrap();
+    let via_proxy = amqp.replace(
+        &format!(":{}/", amqp_port(amqp)),
+        &format!(":{}/", proxy.port()),
+    );
+    let f = fleet_with(amqp, &via_proxy).await;
+    proxy.set_mode(Mode::Delay(Duration::from_millis(150)));
+    (f, proxy)
+}
+
+/// addItem racing a checkout of the same order, many times: whatever
+/// interleaving happens, a paid order was charged exactly its final total and
+/// reserved exactly its final items.
+async fn add_item_racing_a_checkout_never_changes_what_was_paid(amqp: &str) {
+    let f = Arc::new(fleet(amqp).await);
+    let cheap = f.item(1000, 1).await;
+    let dear = f.item(1000, 100).await;
+    let (mut conflicts, mut before) = (0, 0);
+    let mut dear_sold = 0;
+    for _ in 0..40 {
+        let user = f.user(1_000_000).await;
+        let order = f.order(&user, &[(&cheap, 1)]).await;
+        let checkout = tokio::spawn({
+            let (f, order) = (f.clone(), order.clone());
+            async move { f.checkout(&order).await }
+        });
+        let add = f
+            .post(&format!("{}/addItem/{order}/{dear}/1", f.order))
+            .await;
+        assert_eq!(checkout.await.unwrap(), 200);
+        match add.0 {
+            200 => before += 1,
+            409 | 400 => conflicts += 1,
+            other => panic!("addItem answered {other}: {}", add.1),
+        }
+        let found = f.find_order(&order).await;
+        assert!(found["paid"].as_bool().unwrap());
+        let total = found["total_cost"].as_i64().unwrap();
+        assert_eq!(1_000_000 - f.credit_of(&user).await, total, "{found}");
+        let has_dear = found["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|line| line[0] == dear.as_str());
+        assert_eq!(total, if has_dear { 101 } else { 1 }, "{found}");
+        dear_sold += i64::from(has_dear);
+    }
+    assert_eq!(f.stock_of(&dear).await, 1000 - dear_sold);
+    assert_eq!(f.stock_of(&cheap).await, 1000 - 40);
+    println!("addItem before the checkout froze the order: {before}, refused: {conflicts}");
+}
+
+/// While a checkout runs, addItem is refused with 409 and writes nothing.
+async fn an_order_under_checkout_is_frozen(amqp: &str) {
+    let (f, _proxy) = slow_saga_fleet(amqp).await;
+    let f = Arc::new(f);
+    let item = f.item(10, 5).await;
+    let user = f.user(100).await;
+    let order = f.order(&user, &[(&item, 1)]).await;
+    let checkout = tokio::spawn({
+        let (f, order) = (f.clone(), order.clone());
+        async move { f.checkout(&order).await }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (status, body) = f
+        .post(&format!("{}/addItem/{order}/{item}/1", f.order))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("checked out"),
+        "{body}"
+    );
+    assert_eq!(checkout.await.unwrap(), 200);
+    let found = f.find_order(&order).await;
+    assert_eq!(found["total_cost"], 5, "{found}");
+    assert_eq!(f.credit_of(&user).await, 95);
+    assert_eq!(f.stock_of(&item).await, 9);
+}
+
+/// The wedge from the field: a checkout whose charge is refused reserves,
+/// then releases. Adds that land in between must never make the release
+/// impossible: those that would are refused, the checkout ends 400 quickly,
+/// nothing stays taken, and the fleet keeps serving.
+async fn a_legal_add_can_never_make_an_undo_impossible(amqp: &str) {
+    let (f, _proxy) = slow_saga_fleet(amqp).await;
+    let f = Arc::new(f);
+    let item = f.item(5, 1).await;
+    let broke = f.user(0).await;
+    let order = f.order(&broke, &[(&item, 5)]).await;
+    let started = std::time::Instant::now();
+    let checkout = tokio::spawn({
+        let (f, order) = (f.clone(), order.clone());
+        async move { f.checkout(&order).await }
+    });
+    let mut accepted = 0;
+    while !checkout.is_finished() {
+        let (status, body) = f
+            .post(&format!("{}/add/{item}/{}", f.stock, i64::MAX))
+            .await;
+        match status {
+            200 => accepted += 1,
+            400 => {}
+            other => panic!("add answered {other}: {body}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(checkout.await.unwrap(), 400);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        accepted, 0,
+        "an add that could overflow the release was accepted"
+    );
+    assert_eq!(f.stock_of(&item).await, 5);
+    assert!(!f.paid(&order).await);
+    // The fleet is not wedged: another checkout goes through at once.
+    let rich = f.user(10).await;
+    let other = f.order(&rich, &[(&item, 1)]).await;
+    assert_eq!(f.checkout(&other).await, 200);
+}
+
+/// `batch_init` overwrites an order while its checkout runs: the checkout
+/// cannot commit the old order, answers 400, and nothing stays taken.
+async fn batch_init_under_a_checkout_leaves_nothing_taken(amqp: &str) {
+    let (f, _proxy) = slow_saga_fleet(amqp).await;
+    let f = Arc::new(f);
+    f.post_ok(&format!("{}/batch_init/2/100/1", f.stock)).await;
+    f.post_ok(&format!("{}/batch_init/1/100", f.payment)).await;
+    f.post_ok(&format!("{}/batch_init/1/2/1/1", f.order)).await;
+    let checkout = tokio::spawn({
+        let f = f.clone();
+        async move { f.checkout("0").await }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    f.post_ok(&format!("{}/batch_init/1/2/1/1", f.order)).await;
+    assert_eq!(checkout.await.unwrap(), 400);
+    assert_eq!(f.credit_of("0").await, 100);
+    assert_eq!(f.stock_of("0").await + f.stock_of("1").await, 200);
+    assert!(!f.paid("0").await);
+    // The new order checks out normally.
+    assert_eq!(f.checkout("0").await, 200);
+    assert_eq!(f.credit_of("0").await, 98);
+}
+
+/// The same Idempotency-Key twice returns the first answer, even when the
+/// world changed in between; another key is a new request.
+async fn a_checkout_repeated_with_its_key_returns_the_first_answer(amqp: &str) {
+    let f = fleet(amqp).await;
+    let item = f.item(0, 2).await;
+    let user = f.user(100).await;
+    let order = f.order(&user, &[(&item, 1)]).await;
+    let url = format!("{}/checkout/{order}", f.order);
+    let first = f.post_with_key(&url, "key-1").await;
+    assert_eq!(first.0, 400, "{first:?}");
+    f.post_ok(&format!("{}/add/{item}/5", f.stock)).await;
+    assert_eq!(f.post_with_key(&url, "key-1").await, first);
+    assert_eq!(f.stock_of(&item).await, 5);
+    let second = f.post_with_key(&url, "key-2").await;
+    assert_eq!(second.0, 200, "{second:?}");
+    assert_eq!(f.post_with_key(&url, "key-2").await, second);
+    assert_eq!(f.credit_of(&user).await, 98);
+    // A plain write, repeated with its key, is applied once.
+    let add = format!("{}/add_funds/{user}/7", f.payment);
+    let a = f.post_with_key(&add, "fund-1").await;
+    assert_eq!(f.post_with_key(&add, "fund-1").await, a);
+    assert_eq!(f.credit_of(&user).await, 105);
+    // A malformed key is a 400 and writes nothing.
+    let (status, _) = f.post_with_key(&add, "").await;
+    assert_eq!(status, 400);
+    assert_eq!(f.credit_of(&user).await, 105);
+}
+
+/// Begins a saga as an order instance that then dies: record written with a
+/// lease that lapses at once, order frozen, the reservation applied.
+async fn orphan(f: &Fleet, order: &str) -> SagaId {
+    let store = Arc::new(
+        common::redis_store::Store::new(
+            &RedisTarget::Direct {
+                url: format!("{}/4", f._redis.url()),
+            },
+            Duration::from_millis(10),
+        )
+        .unwrap(),
+    );
+    let orders = order::orders::Orders::new(Arc::new(
+        common::redis_store::Store::new(
+            &RedisTarget::Direct {
+                url: format!("{}/3", f._redis.url()),
+            },
+            Duration::from_millis(10),
+        )
+        .unwrap(),
+    ));
+    let order_id = common::types::OrderId::parse(order).unwrap();
+    let seen = orders.find(&order_id).await.unwrap();
+    let saga = order::saga_store::SagaRecord {
+        id: SagaId::new(),
+        order_id: order_id.clone(),
+        user_id: seen.user_id.clone(),
+        lines: seen.lines(),
+        total: seen.total_cost,
+        idem: None,
+    };
+    let sagas = order::saga_store::SagaStore::new(store);
+    assert!(matches!(
+        sagas
+            .begin(&saga, "dead-instance", Duration::from_millis(300))
+            .await
+            .unwrap(),
+        order::saga_store::Begin::Started
+    ));
+    assert_eq!(
+        orders.freeze(&order_id, saga.id, &seen).await.unwrap(),
+        order::orders::Freeze::Frozen
+    );
+    let reserve = Command {
+        saga_id: saga.id,
+        action: Action::Reserve { lines: saga.lines },
+        expires_at_ms: None,
+    };
+    assert_eq!(deliver(f, &reserve, 1).await, vec![Outcome::Applied]);
+    saga.id
+}
+
+async fn active_sagas(f: &Fleet, set: &str) -> Vec<String> {
+    let mut db = f.db(4).await;
+    redis::cmd("SMEMBERS")
+        .arg(set)
+        .query_async(&mut db)
+        .await
+        .unwrap()
+}
+
+/// An order instance dies mid-saga: another instance's recovery fences the
+/// order, compensates, and frees it, within a few seconds.
+async fn a_saga_whose_owner_died_is_recovered(amqp: &str) {
+    let f = fleet(amqp).await;
+    let item = f.item(10, 3).await;
+    let user = f.user(100).await;
+    let order = f.order(&user, &[(&item, 2)]).await;
+    let saga = orphan(&f, &order).await;
+    assert_eq!(f.stock_of(&item).await, 8);
+    let (status, _) = f
+        .post(&format!("{}/addItem/{order}/{item}/1", f.order))
+        .await;
+    assert_eq!(status, 409, "the orphan's order is not frozen");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while active_sagas(&f, "sagas:active")
+        .await
+        .contains(&saga.to_string())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "saga {saga} never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(f.stock_of(&item).await, 10);
+    assert_eq!(f.credit_of(&user).await, 100);
+    assert!(!f.paid(&order).await);
+    assert_eq!(f.checkout(&order).await, 200);
+    assert_eq!(f.credit_of(&user).await, 94);
+}
+
+/// A compensation that can never apply (its record is corrupt) is retried a
+/// bounded number of times, dead-lettered, and its saga handed to an
+/// operator; the order is not locked, and other checkouts are not delayed.
+async fn a_compensation_that_cannot_apply_is_dead_lettered(amqp: &str) {
+    let f = Arc::new(fleet(amqp).await);
+    let item = f.item(10, 3).await;
+    let user = f.user(100).await;
+    let order = f.order(&user, &[(&item, 2)]).await;
+    let saga = orphan(&f, &order).await;
+    let mut stock_db = f.db(1).await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("itemsaga:{saga}"))
+        .arg("garbage")
+        .query_async(&mut stock_db)
+        .await
+        .unwrap();
+    // Meanwhile, an unrelated checkout is served as usual.
+    let other_user = f.user(100).await;
+    let other = f.order(&other_user, &[(&item, 1)]).await;
+    let started = std::time::Instant::now();
+    assert_eq!(f.checkout(&other).await, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !active_sagas(&f, "sagas:attention")
+        .await
+        .contains(&saga.to_string())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "saga {saga} never needed attention"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!active_sagas(&f, "sagas:active")
+        .await
+        .contains(&saga.to_string()));
+    let metrics = f.get_text(&format!("{}/metrics", f.stock)).await;
+    assert!(
+        metrics.contains("broker_dead_lettered_total{reason=\"store_error\"}"),
+        "no dead letter counted"
+    );
+    // The order is not locked: it takes items again.
+    let (status, body) = f
+        .post(&format!("{}/addItem/{order}/{item}/1", f.order))
+        .await;
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,4 +728,18 @@ async fn saga_scenarios() {
     a_command_delivered_twice_over_the_broker_applies_once(&broker.url).await;
     println!("scenario: a_late_command_after_its_compensation_is_refused_over_the_broker");
     a_late_command_after_its_compensation_is_refused_over_the_broker(&broker.url).await;
+    println!("scenario: add_item_racing_a_checkout_never_changes_what_was_paid");
+    add_item_racing_a_checkout_never_changes_what_was_paid(&broker.url).await;
+    println!("scenario: an_order_under_checkout_is_frozen");
+    an_order_under_checkout_is_frozen(&broker.url).await;
+    println!("scenario: a_legal_add_can_never_make_an_undo_impossible");
+    a_legal_add_can_never_make_an_undo_impossible(&broker.url).await;
+    println!("scenario: batch_init_under_a_checkout_leaves_nothing_taken");
+    batch_init_under_a_checkout_leaves_nothing_taken(&broker.url).await;
+    println!("scenario: a_checkout_repeated_with_its_key_returns_the_first_answer");
+    a_checkout_repeated_with_its_key_returns_the_first_answer(&broker.url).await;
+    println!("scenario: a_saga_whose_owner_died_is_recovered");
+    a_saga_whose_owner_died_is_recovered(&broker.url).await;
+    println!("scenario: a_compensation_that_cannot_apply_is_dead_lettered");
+    a_compensation_that_cannot_apply_is_dead_lettered(&broker.url).await;
 }

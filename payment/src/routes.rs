@@ -1,5 +1,7 @@
 //! The payment HTTP API (see API.md): every number in a path is parsed here,
-//! so bad input is refused before anything touches the store.
+//! so bad input is refused before anything touches the store. Every POST
+//! takes its idempotency key ([`IdemKey`]) and answers a repeat with the
+//! first answer.
 
 use std::sync::Arc;
 
@@ -9,6 +11,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use common::error::ApiError;
+use common::idempotency::{self, Answer, IdemKey};
 use common::types::{parse_batch_size, Amount, UserId};
 
 use crate::users::Users;
@@ -25,21 +28,24 @@ pub fn router(users: Arc<Users>) -> Router {
         .with_state(users)
 }
 
-async fn create_user(State(users): State<Arc<Users>>) -> Result<Json<Value>> {
-    let id = users.create().await?;
-    Ok(Json(json!({ "user_id": id })))
+async fn create_user(State(users): State<Arc<Users>>, idem: IdemKey) -> Result<Answer> {
+    users.create(&idem).await
 }
 
 async fn batch_init(
     State(users): State<Arc<Users>>,
+    idem: IdemKey,
     Path((n, money)): Path<(String, String)>,
-) -> Result<Json<Value>> {
+) -> Result<Answer> {
     let n = parse_batch_size("n", &n)?;
     let money = Amount::parse("starting_money", &money)?;
-    users.batch_init(n, money).await?;
-    Ok(Json(
-        json!({ "msg": format!("batch init for {n} users successful") }),
-    ))
+    idempotency::once_after(users.counters.store.as_ref(), &idem, async {
+        users.batch_init(n, money).await?;
+        Ok(Answer::ok(
+            json!({ "msg": format!("batch init for {n} users successful") }),
+        ))
+    })
+    .await
 }
 
 async fn find_user(State(users): State<Arc<Users>>, Path(id): Path<String>) -> Result<Json<Value>> {
@@ -50,20 +56,25 @@ async fn find_user(State(users): State<Arc<Users>>, Path(id): Path<String>) -> R
 
 async fn add_funds(
     State(users): State<Arc<Users>>,
+    idem: IdemKey,
     Path((id, amount)): Path<(String, String)>,
-) -> Result<Json<Value>> {
+) -> Result<Answer> {
     let id = UserId::parse(&id)?;
     let amount = Amount::parse_positive("amount", &amount)?;
-    let credit = users.counters.add(id.as_str(), amount).await?;
-    Ok(Json(json!({ "user_id": id, "credit": credit })))
+    let render = |credit| json!({ "user_id": id, "credit": credit });
+    users.counters.add(id.as_str(), amount, &idem, render).await
 }
 
 async fn pay(
     State(users): State<Arc<Users>>,
+    idem: IdemKey,
     Path((id, amount)): Path<(String, String)>,
-) -> Result<Json<Value>> {
+) -> Result<Answer> {
     let id = UserId::parse(&id)?;
     let amount = Amount::parse_positive("amount", &amount)?;
-    let credit = users.counters.subtract(id.as_str(), amount).await?;
-    Ok(Json(json!({ "user_id": id, "credit": credit })))
+    let render = |credit| json!({ "user_id": id, "credit": credit });
+    users
+        .counters
+        .subtract(id.as_str(), amount, &idem, render)
+        .await
 }

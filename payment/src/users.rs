@@ -4,12 +4,14 @@
 
 use std::sync::Arc;
 
-use common::counters::Counters;
+use common::counters::{new_epoch, Counters};
 use common::error::ApiError;
+use common::idempotency::{self, Answer, IdemKey};
 use common::messages::{Action, Command, Outcome};
 use common::participant::Ledger;
 use common::redis_store::{Store, StoreError};
 use common::types::{Amount, UserId};
+use serde_json::json;
 
 pub struct Users {
     pub counters: Counters,
@@ -26,23 +28,24 @@ impl Users {
         &self.counters.store
     }
 
-    pub async fn create(&self) -> Result<UserId, ApiError> {
-        let id = UserId::new_random();
-        let mut writes = redis::pipe();
-        writes
-            .hset(self.counters.key(id.as_str()), "credit", 0)
-            .ignore();
-        self.store().write(&writes).await?;
-        Ok(id)
+    /// Creates a user with credit 0, once per idempotency key.
+    pub async fn create(&self, idem: &IdemKey) -> Result<Answer, ApiError> {
+        idempotency::once(self.store(), idem, || {
+            let id = UserId::new_random();
+            let mut writes = redis::pipe();
+            self.counters
+                .init(&mut writes, id.as_str(), Amount::ZERO, &new_epoch());
+            (writes, Answer::ok(json!({ "user_id": id })))
+        })
+        .await
     }
 
-    /// Creates (or overwrites) users `"0"`..`"n-1"`, in pipelined chunks.
+    /// Creates (or overwrites, in a new epoch) users `"0"`..`"n-1"`, in pipelined chunks.
     pub async fn batch_init(&self, n: i64, credit: Amount) -> Result<(), ApiError> {
+        let epoch = new_epoch();
         self.store()
             .write_batch(n, |writes, i| {
-                writes
-                    .hset(self.counters.key(&i.to_string()), "credit", credit.get())
-                    .ignore();
+                self.counters.init(writes, &i.to_string(), credit, &epoch);
             })
             .await?;
         Ok(())
@@ -64,12 +67,12 @@ impl Ledger for Users {
         match &command.action {
             Action::Charge { user_id, amount } => {
                 let line = [(user_id.as_str().to_string(), *amount)];
-                self.counters.take(command.saga_id, &line).await
+                self.counters
+                    .take(command.saga_id, &line, command.expires_at_ms)
+                    .await
             }
-            Action::Refund { user_id, amount } => {
-                let line = [(user_id.as_str().to_string(), *amount)];
-                self.counters.give_back(command.saga_id, &line).await
-            }
+            Action::Refund { .. } => self.counters.give_back(command.saga_id).await,
+            Action::Settle => self.counters.settle(command.saga_id).await,
             other => Ok(Outcome::Refused {
                 reason: format!("the payment service does not handle {:?}", other.step()),
             }),

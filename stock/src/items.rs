@@ -4,13 +4,15 @@
 
 use std::sync::Arc;
 
-use common::counters::Counters;
+use common::counters::{new_epoch, Counters};
 use common::error::ApiError;
+use common::idempotency::{self, Answer, IdemKey};
 use common::messages::{Action, Command, Line, Outcome};
 use common::participant::Ledger;
 use common::redis_store::{Store, StoreError};
 use common::types::{Amount, ItemId};
 use serde::Serialize;
+use serde_json::json;
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct Item {
@@ -33,27 +35,37 @@ impl Items {
         &self.counters.store
     }
 
-    pub async fn create(&self, price: Amount) -> Result<ItemId, ApiError> {
-        let id = ItemId::new_random();
-        let mut writes = redis::pipe();
-        writes
-            .hset_multiple(
-                self.counters.key(id.as_str()),
-                &[("stock", 0), ("price", price.get())],
-            )
-            .ignore();
-        self.store().write(&writes).await?;
-        Ok(id)
+    /// Creates an item with stock 0, once per idempotency key.
+    pub async fn create(&self, price: Amount, idem: &IdemKey) -> Result<Answer, ApiError> {
+        idempotency::once(self.store(), idem, || {
+            let id = ItemId::new_random();
+            let mut writes = redis::pipe();
+            self.init(&mut writes, id.as_str(), Amount::ZERO, price, &new_epoch());
+            (writes, Answer::ok(json!({ "item_id": id })))
+        })
+        .await
     }
 
-    /// Creates (or overwrites) items `"0"`..`"n-1"`, in pipelined chunks.
+    fn init(
+        &self,
+        writes: &mut redis::Pipeline,
+        id: &str,
+        stock: Amount,
+        price: Amount,
+        epoch: &str,
+    ) {
+        self.counters.init(writes, id, stock, epoch);
+        writes
+            .hset(self.counters.key(id), "price", price.get())
+            .ignore();
+    }
+
+    /// Creates (or overwrites, in a new epoch) items `"0"`..`"n-1"`, in pipelined chunks.
     pub async fn batch_init(&self, n: i64, stock: Amount, price: Amount) -> Result<(), ApiError> {
-        let fields = [("stock", stock.get()), ("price", price.get())];
+        let epoch = new_epoch();
         self.store()
             .write_batch(n, |writes, i| {
-                writes
-                    .hset_multiple(self.counters.key(&i.to_string()), &fields)
-                    .ignore();
+                self.init(writes, &i.to_string(), stock, price, &epoch);
             })
             .await?;
         Ok(())
@@ -89,14 +101,15 @@ impl Ledger for Items {
         match &command.action {
             Action::Reserve { lines } => {
                 self.counters
-                    .take(command.saga_id, &as_counter_lines(lines))
+                    .take(
+                        command.saga_id,
+                        &as_counter_lines(lines),
+                        command.expires_at_ms,
+                    )
                     .await
             }
-            Action::Release { lines } => {
-                self.counters
-                    .give_back(command.saga_id, &as_counter_lines(lines))
-                    .await
-            }
+            Action::Release { .. } => self.counters.give_back(command.saga_id).await,
+            Action::Settle => self.counters.settle(command.saga_id).await,
             other => Ok(Outcome::Refused {
                 reason: format!("the stock service does not handle {:?}", other.step()),
             }),

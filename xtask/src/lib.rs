@@ -21,6 +21,7 @@
 //! ```
 
 pub mod envfile;
+pub mod faultproxy;
 pub mod install;
 pub mod net;
 pub mod proc;
@@ -31,6 +32,7 @@ pub mod scratch;
 pub mod sentinel;
 pub mod yaml;
 
+pub use faultproxy::FaultProxy;
 pub use install::{ensure_installed, find_binary};
 pub use net::{free_port, http_get, port_is_free, wait_http_ok};
 pub use rabbit::RabbitNode;

@@ -3,6 +3,11 @@
 //! Runs every step even when an earlier independent one failed (a formatting slip should not
 //! hide a failing test), skips only what cannot run (tests need the fleet), always stops the
 //! fleet at the end (also on panic, via a guard), and closes with one line per step.
+//!
+//! The run passes only when every step ran and passed: a step that did not run (SKIP: the fleet
+//! did not start, or Ctrl-C came first) fails the run just as a FAIL does, and so does a Ctrl-C
+//! at any point. What a step needs and lacks (no `test/`, no `test/requirements.txt`, a pytest
+//! run that collects no test) is that step's FAIL.
 
 use std::path::Path;
 use std::process::Command;
@@ -17,6 +22,7 @@ use xtask::{ensure_installed, find_binary};
 enum Status {
     Pass,
     Fail(String),
+    /// The step did not run; the run fails all the same.
     Skip(String),
 }
 
@@ -26,8 +32,9 @@ struct Outcome {
     secs: f64,
 }
 
-/// A step's result: Ok(None) passed, Ok(Some(why)) skipped, Err failed.
-type StepResult = Result<Option<String>>;
+/// A step's result: Ok passed, Err failed. A step that runs never skips itself; only the
+/// runner marks a step it did not run as skipped.
+type StepResult = Result<()>;
 
 struct Runner {
     outcomes: Vec<Outcome>,
@@ -43,14 +50,13 @@ impl Runner {
             Status::Skip("interrupted".into())
         } else {
             match f() {
-                Ok(None) => Status::Pass,
-                Ok(Some(why)) => Status::Skip(why),
+                Ok(()) => Status::Pass,
                 Err(e) => Status::Fail(format!("{e:#}")),
             }
         };
         match &status {
             Status::Fail(why) => println!("==> {name}: FAILED: {why}"),
-            Status::Skip(why) => println!("==> {name}: skipped: {why}"),
+            Status::Skip(why) => println!("==> {name}: NOT RUN: {why}"),
             Status::Pass => println!("==> {name}: ok"),
         }
         let passed = status == Status::Pass;
@@ -62,8 +68,16 @@ impl Runner {
         passed
     }
 
+    /// Records a step that must run but cannot: it fails the run.
     fn skip(&mut self, name: &'static str, why: &str) {
-        self.step(name, || Ok(Some(why.to_string())));
+        let n = self.outcomes.len() + 1;
+        println!("\n==> [{n}/{}] {name}", self.total);
+        println!("==> {name}: NOT RUN: {why}");
+        self.outcomes.push(Outcome {
+            name,
+            status: Status::Skip(why.to_string()),
+            secs: 0.0,
+        });
     }
 }
 
@@ -91,7 +105,7 @@ pub fn run(root: &Path) -> Result<()> {
     r.step("install", || install(root));
     r.step("fmt", || {
         cargo(root, &["fmt", "--all", "--", "--check"], &[])?;
-        Ok(None)
+        Ok(())
     });
     r.step("clippy", || {
         cargo(
@@ -106,9 +120,9 @@ pub fn run(root: &Path) -> Result<()> {
             ],
             &[],
         )?;
-        Ok(None)
+        Ok(())
     });
-    r.step("validate", || validate::run(root).map(|()| None));
+    r.step("validate", || validate::run(root));
 
     let mut guard = DownGuard { root, armed: true };
     let opts = up::Options {
@@ -116,7 +130,7 @@ pub fn run(root: &Path) -> Result<()> {
         port: fleet::DEFAULT_GATEWAY_PORT,
         build: true,
     };
-    let fleet_up = r.step("up", || up::run(root, &opts).map(|()| None));
+    let fleet_up = r.step("up", || up::run(root, &opts));
     let gateway_url = format!("http://127.0.0.1:{}", fleet::DEFAULT_GATEWAY_PORT);
     if fleet_up {
         r.step("cargo test", || {
@@ -125,7 +139,7 @@ pub fn run(root: &Path) -> Result<()> {
                 &["test", "--workspace"],
                 &[("TEST_AMQP_URL", fleet::amqp_url().as_str())],
             )?;
-            Ok(None)
+            Ok(())
         });
         r.step("pytest", || pytest(root, &gateway_url));
     } else {
@@ -133,10 +147,13 @@ pub fn run(root: &Path) -> Result<()> {
         r.skip("pytest", "the fleet did not start");
     }
     guard.armed = false;
-    r.step("down", || down::run(root).map(|()| None));
+    r.step("down", || down::run(root));
     drop(guard);
 
-    summarize(&r.outcomes)
+    summarize(&r.outcomes)?;
+    // Every step passed, yet a Ctrl-C came (during a step that finished anyway, or during
+    // `down`): the run was not the one asked for, so it does not pass. `main` exits 1.
+    interrupt::check()
 }
 
 fn summarize(outcomes: &[Outcome]) -> Result<()> {
@@ -149,22 +166,36 @@ fn summarize(outcomes: &[Outcome]) -> Result<()> {
         };
         println!("{word:<5} {:<11} {:>7.1} s  {note}", o.name, o.secs);
     }
-    let count = |f: fn(&Status) -> bool| outcomes.iter().filter(|o| f(&o.status)).count();
-    let failed = count(|s| matches!(s, Status::Fail(_)));
+    let names = |f: fn(&Status) -> bool| -> Vec<&str> {
+        outcomes
+            .iter()
+            .filter(|o| f(&o.status))
+            .map(|o| o.name)
+            .collect()
+    };
+    let ok = names(|s| *s == Status::Pass);
+    let failed = names(|s| matches!(s, Status::Fail(_)));
+    let not_run = names(|s| matches!(s, Status::Skip(_)));
     // Deliberately not "N passed, N failed": that line shape is read as a test-runner count,
     // and these are steps, not tests.
     println!(
-        "steps: {} ok, {failed} failing, {} skipped",
-        count(|s| *s == Status::Pass),
-        count(|s| matches!(s, Status::Skip(_)))
+        "steps: {} ok, {} failing, {} not run (a step not run fails the run)",
+        ok.len(),
+        failed.len(),
+        not_run.len()
     );
-    if failed > 0 {
-        let names: Vec<&str> = outcomes
-            .iter()
-            .filter(|o| matches!(o.status, Status::Fail(_)))
-            .map(|o| o.name)
-            .collect();
-        bail!("failed: {}", names.join(", "));
+    let mut problems = Vec::new();
+    if !failed.is_empty() {
+        problems.push(format!("failed: {}", failed.join(", ")));
+    }
+    if !not_run.is_empty() {
+        problems.push(format!("not run: {}", not_run.join(", ")));
+    }
+    if outcomes.is_empty() {
+        problems.push("no step ran".to_string());
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
     }
     Ok(())
 }
@@ -207,10 +238,10 @@ fn install(root: &Path) -> StepResult {
     ensure_installed(&needed)?;
     let req = root.join("test").join("requirements.txt");
     if !req.is_file() {
-        return Ok(Some(format!(
-            "system programs present; {} does not exist, no Python packages installed",
+        bail!(
+            "{} does not exist: the pytest suite's packages cannot be installed",
             req.display()
-        )));
+        );
     }
     let pip_works = || {
         Command::new("python3")
@@ -235,7 +266,7 @@ fn install(root: &Path) -> StepResult {
     if !status.success() {
         bail!("pip install -r test/requirements.txt exited with {status}");
     }
-    Ok(None)
+    Ok(())
 }
 
 /// pytest's exit code when it collected no test.
@@ -243,7 +274,7 @@ const PYTEST_NO_TESTS: i32 = 5;
 
 fn pytest(root: &Path, gateway_url: &str) -> StepResult {
     if !root.join("test").is_dir() {
-        return Ok(Some("there is no test/ directory".into()));
+        bail!("there is no test/ directory: the pytest suite must run");
     }
     if find_binary("python3").is_none() {
         bail!("python3 is not installed");
@@ -258,8 +289,8 @@ fn pytest(root: &Path, gateway_url: &str) -> StepResult {
         .status()
         .context("cannot run python3 -m pytest")?;
     match status.code() {
-        Some(0) => Ok(None),
-        Some(PYTEST_NO_TESTS) => Ok(Some("pytest collected no tests".into())),
+        Some(0) => Ok(()),
+        Some(PYTEST_NO_TESTS) => bail!("pytest collected no tests (exit {PYTEST_NO_TESTS})"),
         _ => bail!("pytest exited with {status}"),
     }
 }
@@ -277,18 +308,74 @@ mod tests {
     }
 
     #[test]
-    fn summary_fails_only_on_failed_steps() {
+    fn summary_passes_only_when_every_step_passed() {
         assert!(summarize(&[
             outcome("fmt", Status::Pass),
-            outcome("pytest", Status::Skip("none".into()))
+            outcome("pytest", Status::Pass)
         ])
         .is_ok());
+        assert!(summarize(&[]).is_err(), "a run of no step proves nothing");
+    }
+
+    #[test]
+    fn summary_fails_on_a_failed_step() {
         let err = summarize(&[
             outcome("fmt", Status::Fail("diff\nmore".into())),
             outcome("clippy", Status::Pass),
         ])
         .unwrap_err();
         assert_eq!(err.to_string(), "failed: fmt");
+    }
+
+    #[test]
+    fn summary_fails_on_a_step_that_did_not_run() {
+        let err = summarize(&[
+            outcome("fmt", Status::Pass),
+            outcome("pytest", Status::Skip("the fleet did not start".into())),
+        ])
+        .unwrap_err();
+        assert_eq!(err.to_string(), "not run: pytest");
+        let err = summarize(&[
+            outcome("up", Status::Fail("no redis".into())),
+            outcome("cargo test", Status::Skip("the fleet did not start".into())),
+            outcome("pytest", Status::Skip("the fleet did not start".into())),
+            outcome("down", Status::Pass),
+        ])
+        .unwrap_err();
+        assert_eq!(err.to_string(), "failed: up; not run: cargo test, pytest");
+    }
+
+    #[test]
+    fn steps_cannot_skip_themselves() {
+        let mut r = Runner {
+            outcomes: Vec::new(),
+            total: 2,
+        };
+        assert!(r.step("fmt", || Ok(())));
+        assert!(!r.step("clippy", || bail!("warnings")));
+        r.skip("pytest", "the fleet did not start");
+        let statuses: Vec<&Status> = r.outcomes.iter().map(|o| &o.status).collect();
+        assert_eq!(
+            statuses,
+            [
+                &Status::Pass,
+                &Status::Fail("warnings".into()),
+                &Status::Skip("the fleet did not start".into())
+            ]
+        );
+        assert!(summarize(&r.outcomes).is_err());
+    }
+
+    #[test]
+    fn pytest_without_a_test_dir_fails() {
+        let dir = std::env::temp_dir().join(format!("xtask-no-test-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let result = pytest(&dir, "http://127.0.0.1:1");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            result.is_err(),
+            "a missing test/ directory must fail the step"
+        );
     }
 
     #[test]

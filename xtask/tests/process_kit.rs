@@ -1,20 +1,25 @@
 //! The process kit against real redis-server, Sentinel and RabbitMQ processes.
 //!
-//! These start real processes on free ports; a test whose program is not installed says so and
-//! passes (the launcher's `ensure_installed` is what makes them present in CI).
+//! These start real processes on free ports. They never skip: a test whose program is not
+//! installed fails and names the Debian package to install, and the RabbitMQ test fails unless
+//! it runs as root (Debian's `rabbitmq-server` script only runs as root or `rabbitmq`). CI runs
+//! them as root with the packages installed (`.ci/run`).
 
 use std::net::TcpStream;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use xtask::install::debian_package;
 use xtask::{find_binary, free_port, proc, resp, RabbitNode, RedisServer, ScratchDir, SentinelSet};
 
-fn have(program: &str) -> bool {
-    let found = find_binary(program).is_some();
-    if !found {
-        eprintln!("{program} is not installed: skipping");
-    }
-    found
+/// Fails the test unless `program` is installed: a test that cannot run must not pass.
+fn require(program: &str) {
+    assert!(
+        find_binary(program).is_some(),
+        "{program} is not installed: install it (apt-get install {}) to run this test; \
+         it does not skip",
+        debian_package(program)
+    );
 }
 
 fn get(server: &RedisServer, key: &str) -> Option<String> {
@@ -23,9 +28,7 @@ fn get(server: &RedisServer, key: &str) -> Option<String> {
 
 #[test]
 fn replica_follows_master_and_aof_survives_kill9() {
-    if !have("redis-server") {
-        return;
-    }
+    require("redis-server");
     let dir = ScratchDir::new("kit-aof").unwrap();
     let mut master = RedisServer::start(dir.path(), free_port(), None, Some("s3cret")).unwrap();
     let replica =
@@ -57,9 +60,7 @@ fn replica_follows_master_and_aof_survives_kill9() {
 
 #[test]
 fn a_second_server_on_a_taken_port_fails_clearly() {
-    if !have("redis-server") {
-        return;
-    }
+    require("redis-server");
     let dir = ScratchDir::new("kit-port").unwrap();
     let first = RedisServer::start(dir.join("a"), free_port(), None, None).unwrap();
     let err = RedisServer::start(dir.join("b"), first.port(), None, None).unwrap_err();
@@ -68,9 +69,7 @@ fn a_second_server_on_a_taken_port_fails_clearly() {
 
 #[test]
 fn sentinels_fail_over_when_the_master_is_killed() {
-    if !have("redis-server") {
-        return;
-    }
+    require("redis-server");
     let dir = ScratchDir::new("kit-sentinel").unwrap();
     let SentinelSet {
         mut master,
@@ -125,13 +124,13 @@ fn amqp_answers(port: u16) -> bool {
 #[test]
 fn private_rabbitmq_node_starts_restarts_and_stops() {
     use std::os::unix::fs::PermissionsExt;
-    if !have("rabbitmq-server") {
-        return;
-    }
-    if !proc::is_root() {
-        eprintln!("not root: Debian's rabbitmq-server cannot be run; skipping");
-        return;
-    }
+    require("rabbitmq-server");
+    require("rabbitmqctl");
+    assert!(
+        proc::is_root(),
+        "this test must run as root: Debian's rabbitmq-server script only runs as root (or as \
+         the rabbitmq user); it does not skip"
+    );
     let scratch = ScratchDir::new("kit-rabbit").unwrap();
     // A parent the rabbitmq user cannot enter (like a checkout under /root): the node's data
     // must be relocated, and the asked-for path must become a link to it.
@@ -180,9 +179,7 @@ impl Drop for RemoveOnDrop {
 
 #[test]
 fn resp_query_talks_to_a_real_server() {
-    if !have("redis-server") {
-        return;
-    }
+    require("redis-server");
     let dir = ScratchDir::new("kit-resp").unwrap();
     let server = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
     let info = resp::info(server.port(), None, "persistence").unwrap();

@@ -1,0 +1,260 @@
+//! Idempotency keys: every POST is applied at most once per key, and a
+//! repeat gets the first answer back.
+//!
+//! Why it exists: a client (or the gateway, or a store retry after an I/O
+//! error on EXEC) may send the same write twice without knowing whether the
+//! first one ran. The first run records its answer under the key *in the same
+//! MULTI/EXEC as the change*, and every run reads that record inside the
+//! same WATCH first, so "applied, then the reply was lost" and "retried on
+//! another instance" both end with one change and one answer.
+//!
+//! Where the key comes from:
+//! - the client's `Idempotency-Key` header (1-128 printable ASCII), kept for
+//!   [`CLIENT_TTL`] as the contract promises;
+//! - the gateway stamps one on every POST that has none and says so with
+//!   `Idempotency-Origin: gateway`; such keys only serve the gateway's own
+//!   retry on another instance, so they live [`SHORT_TTL`];
+//! - a request that reaches a service directly without a key gets a random
+//!   one, which only serves the service's own retries ([`SHORT_TTL`]).
+//!
+//! The key is scoped by the request path inside the service, so the same
+//! key on two different endpoints names two different requests.
+//!
+//! Only answers that are final are recorded: a success, or a refusal decided
+//! from the stored state (not enough stock, unknown id). Bad input is
+//! refused before any store is touched, and a 409 or a 503 says "not now",
+//! so none of those is recorded.
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::redis_store::{Conn, Store, StoreError, Tx};
+
+/// The request header a client sets.
+pub const HEADER: &str = "idempotency-key";
+/// Set by the gateway next to a key it generated itself.
+pub const ORIGIN_HEADER: &str = "idempotency-origin";
+/// How long a client's key is remembered (API.md: 24 hours).
+pub const CLIENT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long a generated key is remembered: far beyond any retry of one request.
+pub const SHORT_TTL: Duration = Duration::from_secs(600);
+
+/// The idempotency key of one request, scoped to its path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdemKey {
+    key: String,
+    path: String,
+    ttl: Duration,
+}
+
+impl IdemKey {
+    /// A key the client chose: validated, remembered for [`CLIENT_TTL`].
+    pub fn from_client(key: &str, path: &str) -> Result<Self, ApiError> {
+        let printable = |b: u8| (0x20..0x7f).contains(&b);
+        if key.is_empty() || key.len() > 128 || !key.bytes().all(printable) {
+            return Err(ApiError::BadRequest(
+                "Idempotency-Key must be 1 to 128 printable ASCII characters".into(),
+            ));
+        }
+        Ok(Self {
+            key: key.to_string(),
+            path: path.to_string(),
+            ttl: CLIENT_TTL,
+        })
+    }
+
+    /// A key only the gateway or this service will ever repeat.
+    pub fn generated(key: &str, path: &str) -> Self {
+        Self {
+            key: key.to_string(),
+            path: path.to_string(),
+            ttl: SHORT_TTL,
+        }
+    }
+
+    /// A fresh random key (a request without one; internal work).
+    pub fn random(path: &str) -> Self {
+        Self::generated(&uuid::Uuid::new_v4().simple().to_string(), path)
+    }
+
+    /// The Redis key its answer is recorded under.
+    pub fn redis_key(&self) -> String {
+        format!("idem:{}:{}", self.path, self.key)
+    }
+
+    pub fn ttl_secs(&self) -> u64 {
+        self.ttl.as_secs()
+    }
+
+    /// Adds "record `answer` under this key" to a MULTI/EXEC pipeline.
+    pub fn record(&self, writes: &mut redis::Pipeline, answer: &Answer) {
+        writes
+            .set_ex(self.redis_key(), answer.encode(), self.ttl_secs())
+            .ignore();
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IdemKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let path = parts.uri.path().to_string();
+        let Some(value) = parts.headers.get(HEADER) else {
+            return Ok(IdemKey::random(&path));
+        };
+        let key = value
+            .to_str()
+            .map_err(|_| ApiError::BadRequest("Idempotency-Key must be printable ASCII".into()))?;
+        let from_gateway = parts
+            .headers
+            .get(ORIGIN_HEADER)
+            .is_some_and(|v| v.as_bytes() == b"gateway");
+        if from_gateway {
+            // nginx's $request_id: 32 hex digits; still validated like any key.
+            IdemKey::from_client(key, &path).map(|k| IdemKey::generated(&k.key, &path))
+        } else {
+            IdemKey::from_client(key, &path)
+        }
+    }
+}
+
+/// A final answer to a request: what is recorded under its key and replayed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Answer {
+    pub fn ok(body: Value) -> Self {
+        Answer { status: 200, body }
+    }
+
+    /// The recorded form of a refusal.
+    pub fn refusal(error: &ApiError) -> Self {
+        Answer {
+            status: error.status().as_u16(),
+            body: serde_json::json!({ "error": error.to_string() }),
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("answers serialize")
+    }
+
+    pub fn decode(text: &str) -> Option<Answer> {
+        serde_json::from_str(text).ok()
+    }
+
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK);
+        (status, Json(self.body)).into_response()
+    }
+}
+
+/// The recorded answer under an idempotency key, if the request already ran.
+pub async fn replay(conn: &mut Conn, idem_key: &str) -> Result<Option<Answer>, StoreError> {
+    let raw: Option<String> = redis::cmd("GET")
+        .arg(idem_key)
+        .query_async(conn)
+        .await
+        .map_err(StoreError::Redis)?;
+    raw.map(|text| {
+        Answer::decode(&text).ok_or_else(|| StoreError::corrupt(idem_key, "not an answer"))
+    })
+    .transpose()
+}
+
+/// Writes `make`'s pipeline and records its answer under `idem`, once: a
+/// repeat returns the first answer (creation endpoints).
+pub async fn once(
+    store: &Store,
+    idem: &IdemKey,
+    make: impl Fn() -> (redis::Pipeline, Answer),
+) -> Result<Answer, ApiError> {
+    let idem_key = idem.redis_key();
+    let (idem_key, make) = (&idem_key, &make);
+    let answer = store
+        .transact(std::slice::from_ref(idem_key), |mut conn| async move {
+            let decision = async {
+                if let Some(first) = replay(&mut conn, idem_key).await? {
+                    return Ok(Tx::Abort(first));
+                }
+                let (mut writes, answer) = make();
+                idem.record(&mut writes, &answer);
+                Ok(Tx::Commit(writes, answer))
+            }
+            .await;
+            (conn, decision)
+        })
+        .await?;
+    Ok(answer)
+}
+
+/// For work too large for one MULTI/EXEC (`batch_init`): the first answer if
+/// the key was seen, else runs `work` and records its answer afterwards. Not
+/// atomic: a crash between the work and the record lets a retry run the work
+/// again, which is why only overwriting (idempotent) work may use it.
+pub async fn once_after(
+    store: &Store,
+    idem: &IdemKey,
+    work: impl Future<Output = Result<Answer, ApiError>>,
+) -> Result<Answer, ApiError> {
+    let idem_key = idem.redis_key();
+    let seen: Option<String> = store.query(redis::cmd("GET").arg(&idem_key)).await?;
+    if let Some(text) = seen {
+        return Answer::decode(&text)
+            .ok_or_else(|| StoreError::corrupt(&idem_key, "not an answer").into());
+    }
+    let answer = work.await?;
+    let mut writes = redis::pipe();
+    idem.record(&mut writes, &answer);
+    store.write(&writes).await?;
+    Ok(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_keys_are_validated() {
+        assert!(IdemKey::from_client("abc-123", "/add/1/2").is_ok());
+        assert!(IdemKey::from_client(&"k".repeat(128), "/p").is_ok());
+        for bad in ["", "tab\there", "é", &"k".repeat(129)] {
+            assert!(IdemKey::from_client(bad, "/p").is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn keys_are_scoped_by_path_and_lifetime_by_origin() {
+        let a = IdemKey::from_client("k", "/add/1/2").unwrap();
+        let b = IdemKey::from_client("k", "/pay/1/2").unwrap();
+        assert_ne!(a.redis_key(), b.redis_key());
+        assert_eq!(a.ttl_secs(), CLIENT_TTL.as_secs());
+        assert_eq!(IdemKey::random("/p").ttl_secs(), SHORT_TTL.as_secs());
+    }
+
+    #[test]
+    fn answers_round_trip() {
+        let a = Answer::refusal(&ApiError::NotFound("item 7 not found".into()));
+        assert_eq!(a.status, 404);
+        assert_eq!(Answer::decode(&a.encode()), Some(a));
+        assert!(Answer::ok(serde_json::json!({})).is_success());
+    }
+}
