@@ -11,7 +11,9 @@ taken after the body was read, which only ever makes the checks more lenient.
 
 A deliberate repeat (same `Idempotency-Key`, same path, sent after the first answer
 arrived) is a `Req` whose `orig` is the first request. It must be answered exactly like
-the first and applies nothing: the model counts only first requests. For the bounds that
+the first and applies nothing: the model counts only first requests (except when the first
+was refused, so wrote nothing, and the repeat answered 2xx: a violation by itself, and then
+the one time the change was applied). For the bounds that
 must hold whatever the fleet does (an upper bound on stock, on an order's quantities)
 repeats are counted too, so a repeat that is wrongly applied shows up once, as itself
 and in the final conservation check, not again as a broken bound.
@@ -162,6 +164,7 @@ class Model:
         self.kinds: Counter = Counter()
         self.statuses: Counter = Counter()
         self.repeats = 0
+        self.applied_by_repeat: set[int] = set()  # first requests refused whose repeat answered 2xx
         self.inflight = 0
 
     # -- bookkeeping ------------------------------------------------------
@@ -245,6 +248,11 @@ class Model:
                 f"a repeat with the same Idempotency-Key answered differently: first {first.describe()}; "
                 f"repeat {req.describe()}",
             )
+        if req.ok and first.refused and first.rid not in self.applied_by_repeat:
+            # the first answer wrote nothing, so this repeat's 2xx (already reported above as a
+            # different answer) is the one time the change was applied: count it once
+            self.applied_by_repeat.add(first.rid)
+            self._applied_late(req, kind)
         if kind in ("stock_add", "stock_subtract"):
             if req.ok:
                 self.items[req.target].repeats_ok += 1
@@ -263,6 +271,26 @@ class Model:
             o.last_checkout_t1 = max(o.last_checkout_t1, req.t1)
             if req.ok:
                 o.repeats_ok += 1
+
+    def _applied_late(self, req: Req, kind: str) -> None:
+        if kind == "stock_add":
+            self.items[req.target].added_ok += req.amount
+        elif kind == "stock_subtract":
+            self.items[req.target].subtracted_ok += req.amount
+        elif kind == "add_funds":
+            self.users[req.target].funds_ok += req.amount
+        elif kind == "pay":
+            self.users[req.target].paid_ok += req.amount
+        elif kind == "add_item":
+            self.orders[req.target].acked[req.item] += req.amount
+        elif kind == "checkout":
+            o = self.orders[req.target]
+            o.checkout_ok += 1
+            o.known_paid = True
+        elif kind == "create_order":
+            oid = req.body.get("order_id") if isinstance(req.body, dict) else None
+            if is_uuid(oid):
+                self.add_order(oid, req.target)
 
     # stock ------------------------------------------------------------------
     def _stock_add(self, req: Req) -> None:

@@ -46,7 +46,8 @@ N_ITEMS = 8
 N_USERS = 16
 QUIET_LIMIT_S = 30.0
 SHOWN_VIOLATIONS = 300  # in the failure message; the log file has all of them
-OPEN_ORDERS = 24  # about this many orders are open (not known paid) at any time
+OPEN_ORDERS = 24  # about this many orders are open (not known paid, not full) at any time
+FULL_ORDER = 12  # units after which an order gets no more addItems on purpose (it may never be paid)
 POOL_SIZE = 4000  # earlier POSTs kept for same-key repeats
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=120, connect=30)
 
@@ -145,7 +146,7 @@ class History:
 
     # -- the random mix -------------------------------------------------------------
     def pick_order(self, rng: random.Random, open_share: float, filled: bool = False) -> str:
-        """An order not yet known paid with probability `open_share` (when there is one;
+        """An open order (not known paid, not full) with probability `open_share` (when there is one;
         `filled`: preferably one with items), else any order, mostly a recent one."""
         if rng.random() < open_share:
             oid = self.pick_open(rng)
@@ -163,7 +164,8 @@ class History:
         while open_:
             j = rng.randrange(len(open_))
             oid = open_[j]
-            if not self.model.orders[oid].known_paid:
+            o = self.model.orders[oid]
+            if not o.known_paid and sum(o.acked.values()) < FULL_ORDER:
                 return oid
             open_[j] = open_[-1]
             open_.pop()

@@ -20,10 +20,11 @@
 //! The key is scoped by the request path inside the service, so the same
 //! key on two different endpoints names two different requests.
 //!
-//! Only answers that are final are recorded: a success, or a refusal decided
-//! from the stored state (not enough stock, unknown id). Bad input is
-//! refused before any store is touched, and a 409 or a 503 says "not now",
-//! so none of those is recorded.
+//! Every answer decided from the stored state is recorded: a success, or a
+//! refusal (not enough stock, unknown id, an order under checkout), so a
+//! repeat gets exactly the first answer whatever happened since. Bad input is
+//! refused before any store is touched, and a 503 means the outcome is not
+//! known yet: neither is recorded.
 
 use std::future::Future;
 use std::time::Duration;

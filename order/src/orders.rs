@@ -215,17 +215,19 @@ impl Orders {
             .await
     }
 
-    /// `addItem`: adds an item at `price` each, once per idempotency key.
-    /// Refused while a checkout holds the order (409, not recorded: "not
-    /// now"), unless that hold is `stale` (its saga has ended), which is then
-    /// cleared. Refused (400) when the order is paid or a sum overflows.
+    /// `addItem`: adds an item at `price` each, once per idempotency key;
+    /// every answer is recorded and a repeat gets the first one. Refused
+    /// while a checkout holds the order (409), unless that hold is `stale`
+    /// (its saga has ended), which is then cleared; refused (400) when the
+    /// order is paid or a sum overflows; `price` may carry the refusal of the
+    /// price look-up (an unknown item).
     #[allow(clippy::too_many_arguments)]
     pub async fn add_item(
         &self,
         id: &OrderId,
         item: &ItemId,
         quantity: Amount,
-        price: Amount,
+        price: Result<Amount, ApiError>,
         stale: Option<SagaId>,
         idem: &IdemKey,
         render: impl Fn(&Order) -> Value,
@@ -234,47 +236,60 @@ impl Orders {
         let idem_key = idem.redis_key();
         let _guard = self.locks.lock([key.as_str()]).await;
         let watched = [key.clone(), idem_key.clone()];
-        let (key, idem_key, render) = (&key, &idem_key, &render);
-        self.store
+        let (key, idem_key, render, price) = (&key, &idem_key, &render, &price);
+        let answer = self
+            .store
             .transact(&watched, |mut conn| async move {
                 let decision = async {
                     if let Some(first) = replay(&mut conn, idem_key).await? {
-                        return Ok(Tx::Abort(Ok(first)));
+                        return Ok(Tx::Abort(first));
                     }
                     let mut writes = redis::pipe();
+                    let refusal = |e: ApiError| Answer::refusal(&e);
                     let answer = match read(&mut conn, key).await? {
-                        None => Answer::refusal(&ApiError::NotFound(format!(
-                            "order {id} not found"
+                        None => refusal(ApiError::NotFound(format!("order {id} not found"))),
+                        Some(order) if order.paid => refusal(ApiError::BadRequest(format!(
+                            "order {id} is already paid: no items can be added"
                         ))),
-                        Some(order) if order.paid => Answer::refusal(&ApiError::BadRequest(
-                            format!("order {id} is already paid: no items can be added"),
-                        )),
                         Some(order) if order.checkout.is_some() && order.checkout != stale => {
-                            return Ok(Tx::Abort(Err(under_checkout(id))));
+                            refusal(under_checkout(id))
                         }
-                        Some(order) => {
-                            let thawed = Order {
-                                checkout: None,
-                                ..order
-                            };
-                            match thawed.with_item(item.clone(), quantity, price) {
-                                Some(new) => {
-                                    writes.set(key, encode(&new)).ignore();
-                                    Answer::ok(render(&new))
+                        Some(order) => match price {
+                            Err(e) => Answer::refusal(e),
+                            Ok(price) => {
+                                let thawed = Order {
+                                    checkout: None,
+                                    ..order
+                                };
+                                match thawed.with_item(item.clone(), quantity, *price) {
+                                    Some(new) => {
+                                        writes.set(key, encode(&new)).ignore();
+                                        Answer::ok(render(&new))
+                                    }
+                                    None => refusal(ApiError::BadRequest(format!(
+                                        "adding {quantity} x {price} to order {id} would overflow its total"
+                                    ))),
                                 }
-                                None => Answer::refusal(&ApiError::BadRequest(format!(
-                                    "adding {quantity} x {price} to order {id} would overflow its total"
-                                ))),
                             }
-                        }
+                        },
                     };
                     idem.record(&mut writes, &answer);
-                    Ok(Tx::Commit(writes, Ok(answer)))
+                    Ok(Tx::Commit(writes, answer))
                 }
                 .await;
                 (conn, decision)
             })
-            .await?
+            .await?;
+        Ok(answer)
+    }
+
+    /// The first answer recorded under `idem`, if the request already ran.
+    pub async fn recorded(&self, idem: &IdemKey) -> Result<Option<Answer>, StoreError> {
+        let raw: Option<String> = self
+            .store
+            .query(redis::cmd("GET").arg(idem.redis_key()))
+            .await?;
+        Ok(raw.as_deref().and_then(Answer::decode))
     }
 
     /// Freezes the order for `saga`, if it is still exactly `seen` (the

@@ -89,26 +89,40 @@ async fn add_item(
     let id = OrderId::parse(&id)?;
     let item = ItemId::parse(&item)?;
     let quantity = Amount::parse_positive("quantity", &quantity)?;
-    // Check the order first: an unknown order is a 404 whatever the item.
-    let order = s.saga.orders.find(&id).await?;
-    if order.paid {
-        return Err(ApiError::BadRequest(format!("order {id} is already paid")));
+    let orders = &s.saga.orders;
+    // A repeat gets the first answer, whatever happened to the order since.
+    if let Some(first) = orders.recorded(&idem).await? {
+        return Ok(first);
     }
-    let stale = match s.saga.hold(&order).await? {
-        Hold::Held(_) => {
-            return Err(ApiError::Conflict(format!(
-                "order {id} is being checked out; items can be added once the checkout has ended"
-            )))
-        }
-        Hold::Stale(saga) => Some(saga),
-        Hold::Free => None,
-    };
-    let price = s.stock.price(&item).await?;
+    // What the transaction needs from outside the order store: whether a
+    // hold on the order is stale, and the item's price (or why there is none).
+    let (mut stale, mut price) = (None, Err(under_checkout(&id)));
+    match orders.find(&id).await {
+        Ok(order) if !order.paid => match s.saga.hold(&order).await? {
+            Hold::Held(_) => {}
+            hold => {
+                if let Hold::Stale(saga) = hold {
+                    stale = Some(saga);
+                }
+                price = match s.stock.price(&item).await {
+                    Err(ApiError::Unavailable(why)) => return Err(ApiError::Unavailable(why)),
+                    other => other,
+                };
+            }
+        },
+        Ok(_) | Err(ApiError::NotFound(_)) => {}
+        Err(e) => return Err(e),
+    }
     let render = |order: &Order| view(&id, order);
-    s.saga
-        .orders
+    orders
         .add_item(&id, &item, quantity, price, stale, &idem, render)
         .await
+}
+
+fn under_checkout(id: &OrderId) -> ApiError {
+    ApiError::Conflict(format!(
+        "order {id} is being checked out; items can be added once the checkout has ended"
+    ))
 }
 
 async fn checkout(
