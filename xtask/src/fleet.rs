@@ -155,6 +155,7 @@ pub fn env_plan(instance: &Instance, gateway_port: u16) -> Vec<(&'static str, En
         ("AMQP_QUEUE_TYPE", PassThrough),
         ("AMQP_PREFETCH", PassThrough),
         ("STEP_TIMEOUT_MS", PassThrough),
+        ("CHECKOUT_TIMEOUT_MS", PassThrough),
         ("SAGA_STEPS", PassThrough),
         ("SAGA_LEASE_MS", PassThrough),
         ("LOG_FORMAT", PassThrough),
