@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ApiError;
-use crate::idempotency::{replay, Answer, IdemKey};
+use crate::idempotency::{self, Answer, IdemKey};
 use crate::keylock::KeyLocks;
 use crate::messages::Outcome;
 use crate::redis_store::{Conn, Store, StoreError, Tx};
@@ -248,36 +248,32 @@ impl Counters {
         render: impl Fn(Amount) -> Value,
     ) -> Result<Answer, ApiError> {
         let key = self.key(id);
-        let idem_key = idem.redis_key();
         let _guard = self.locks.lock([key.as_str()]).await;
-        let watched = [key.clone(), idem_key.clone()];
-        let (key, idem_key, apply, render) = (&key, &idem_key, &apply, &render);
-        let answer = self
-            .store
-            .transact(&watched, |mut conn| async move {
-                let decision = async {
-                    if let Some(first) = replay(&mut conn, idem_key).await? {
-                        return Ok(Tx::Abort(first));
-                    }
+        let (key_ref, apply, render) = (&key, &apply, &render);
+        idempotency::transact_once(
+            &self.store,
+            idem,
+            std::slice::from_ref(&key),
+            |mut conn| async move {
+                let decided = async {
                     let mut writes = redis::pipe();
-                    let answer = match self.read(&mut conn, key).await? {
+                    let answer = match self.read(&mut conn, key_ref).await? {
                         None => Answer::refusal(&self.not_found(id)),
                         Some(state) => match apply(&state) {
                             Ok(new) => {
-                                writes.hset(key, self.field, new.get()).ignore();
+                                writes.hset(key_ref, self.field, new.get()).ignore();
                                 Answer::ok(render(new))
                             }
                             Err(refusal) => Answer::refusal(&refusal),
                         },
                     };
-                    idem.record(&mut writes, &answer);
-                    Ok(Tx::Commit(writes, answer))
+                    Ok((writes, answer))
                 }
                 .await;
-                (conn, decision)
-            })
-            .await?;
-        Ok(answer)
+                (conn, decided)
+            },
+        )
+        .await
     }
 
     /// Saga step: takes every `(id, amount)` or nothing, exactly once per

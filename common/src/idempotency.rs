@@ -168,17 +168,65 @@ impl IntoResponse for Answer {
     }
 }
 
-/// The recorded answer under an idempotency key, if the request already ran.
-pub async fn replay(conn: &mut Conn, idem_key: &str) -> Result<Option<Answer>, StoreError> {
+/// The recorded answer under an idempotency key, read on a watched connection.
+async fn replay(conn: &mut Conn, idem_key: &str) -> Result<Option<Answer>, StoreError> {
     let raw: Option<String> = redis::cmd("GET")
         .arg(idem_key)
         .query_async(conn)
         .await
         .map_err(StoreError::Redis)?;
+    decode_recorded(idem_key, raw)
+}
+
+fn decode_recorded(idem_key: &str, raw: Option<String>) -> Result<Option<Answer>, StoreError> {
     raw.map(|text| {
         Answer::decode(&text).ok_or_else(|| StoreError::corrupt(idem_key, "not an answer"))
     })
     .transpose()
+}
+
+/// The first answer recorded under `idem`, if the request already ran.
+pub async fn recorded(store: &Store, idem: &IdemKey) -> Result<Option<Answer>, StoreError> {
+    let idem_key = idem.redis_key();
+    let raw: Option<String> = store.query(redis::cmd("GET").arg(&idem_key)).await?;
+    decode_recorded(&idem_key, raw)
+}
+
+/// The one idempotent write: WATCHes `keys` and the key's record; a repeat
+/// gets the recorded answer; otherwise `decide` reads the watched keys and
+/// returns the writes and the answer, and the answer is recorded in the same
+/// MULTI/EXEC as the writes. A retry after an EXEC whose reply was lost finds
+/// the record, so nothing applies twice.
+pub async fn transact_once<F, Fut>(
+    store: &Store,
+    idem: &IdemKey,
+    keys: &[String],
+    decide: F,
+) -> Result<Answer, ApiError>
+where
+    F: Fn(Conn) -> Fut,
+    Fut: Future<Output = (Conn, Result<(redis::Pipeline, Answer), StoreError>)>,
+{
+    let idem_key = idem.redis_key();
+    let mut watched = keys.to_vec();
+    watched.push(idem_key.clone());
+    let (idem_key, decide) = (&idem_key, &decide);
+    let answer = store
+        .transact(&watched, |mut conn| async move {
+            match replay(&mut conn, idem_key).await {
+                Err(e) => return (conn, Err(e)),
+                Ok(Some(first)) => return (conn, Ok(Tx::Abort(first))),
+                Ok(None) => {}
+            }
+            let (conn, decided) = decide(conn).await;
+            let decision = decided.map(|(mut writes, answer)| {
+                idem.record(&mut writes, &answer);
+                Tx::Commit(writes, answer)
+            });
+            (conn, decision)
+        })
+        .await?;
+    Ok(answer)
 }
 
 /// Writes `make`'s pipeline and records its answer under `idem`, once: a
@@ -188,23 +236,8 @@ pub async fn once(
     idem: &IdemKey,
     make: impl Fn() -> (redis::Pipeline, Answer),
 ) -> Result<Answer, ApiError> {
-    let idem_key = idem.redis_key();
-    let (idem_key, make) = (&idem_key, &make);
-    let answer = store
-        .transact(std::slice::from_ref(idem_key), |mut conn| async move {
-            let decision = async {
-                if let Some(first) = replay(&mut conn, idem_key).await? {
-                    return Ok(Tx::Abort(first));
-                }
-                let (mut writes, answer) = make();
-                idem.record(&mut writes, &answer);
-                Ok(Tx::Commit(writes, answer))
-            }
-            .await;
-            (conn, decision)
-        })
-        .await?;
-    Ok(answer)
+    let make = &make;
+    transact_once(store, idem, &[], |conn| async move { (conn, Ok(make())) }).await
 }
 
 /// For work too large for one MULTI/EXEC (`batch_init`): the first answer if
@@ -216,11 +249,8 @@ pub async fn once_after(
     idem: &IdemKey,
     work: impl Future<Output = Result<Answer, ApiError>>,
 ) -> Result<Answer, ApiError> {
-    let idem_key = idem.redis_key();
-    let seen: Option<String> = store.query(redis::cmd("GET").arg(&idem_key)).await?;
-    if let Some(text) = seen {
-        return Answer::decode(&text)
-            .ok_or_else(|| StoreError::corrupt(&idem_key, "not an answer").into());
+    if let Some(first) = recorded(store, idem).await? {
+        return Ok(first);
     }
     let answer = work.await?;
     let mut writes = redis::pipe();

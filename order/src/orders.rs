@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use common::error::ApiError;
-use common::idempotency::{self, replay, Answer, IdemKey};
+use common::idempotency::{self, Answer, IdemKey};
 use common::keylock::KeyLocks;
 use common::messages::Line;
 use common::redis_store::{Conn, Store, StoreError, Tx};
@@ -233,63 +233,45 @@ impl Orders {
         render: impl Fn(&Order) -> Value,
     ) -> Result<Answer, ApiError> {
         let key = key(id);
-        let idem_key = idem.redis_key();
         let _guard = self.locks.lock([key.as_str()]).await;
-        let watched = [key.clone(), idem_key.clone()];
-        let (key, idem_key, render, price) = (&key, &idem_key, &render, &price);
-        let answer = self
-            .store
-            .transact(&watched, |mut conn| async move {
-                let decision = async {
-                    if let Some(first) = replay(&mut conn, idem_key).await? {
-                        return Ok(Tx::Abort(first));
+        let (key_ref, render, price) = (&key, &render, &price);
+        idempotency::transact_once(&self.store, idem, std::slice::from_ref(&key), |mut conn| async move {
+            let decided = async {
+                let mut writes = redis::pipe();
+                let refusal = |e: ApiError| Answer::refusal(&e);
+                let answer = match read(&mut conn, key_ref).await? {
+                    None => refusal(ApiError::NotFound(format!("order {id} not found"))),
+                    Some(order) if order.paid => refusal(ApiError::BadRequest(format!(
+                        "order {id} is already paid: no items can be added"
+                    ))),
+                    Some(order) if order.checkout.is_some() && order.checkout != stale => {
+                        refusal(under_checkout(id))
                     }
-                    let mut writes = redis::pipe();
-                    let refusal = |e: ApiError| Answer::refusal(&e);
-                    let answer = match read(&mut conn, key).await? {
-                        None => refusal(ApiError::NotFound(format!("order {id} not found"))),
-                        Some(order) if order.paid => refusal(ApiError::BadRequest(format!(
-                            "order {id} is already paid: no items can be added"
-                        ))),
-                        Some(order) if order.checkout.is_some() && order.checkout != stale => {
-                            refusal(under_checkout(id))
-                        }
-                        Some(order) => match price {
-                            Err(e) => Answer::refusal(e),
-                            Ok(price) => {
-                                let thawed = Order {
-                                    checkout: None,
-                                    ..order
-                                };
-                                match thawed.with_item(item.clone(), quantity, *price) {
-                                    Some(new) => {
-                                        writes.set(key, encode(&new)).ignore();
-                                        Answer::ok(render(&new))
-                                    }
-                                    None => refusal(ApiError::BadRequest(format!(
-                                        "adding {quantity} x {price} to order {id} would overflow its total"
-                                    ))),
+                    Some(order) => match price {
+                        Err(e) => Answer::refusal(e),
+                        Ok(price) => {
+                            let thawed = Order {
+                                checkout: None,
+                                ..order
+                            };
+                            match thawed.with_item(item.clone(), quantity, *price) {
+                                Some(new) => {
+                                    writes.set(key_ref, encode(&new)).ignore();
+                                    Answer::ok(render(&new))
                                 }
+                                None => refusal(ApiError::BadRequest(format!(
+                                    "adding {quantity} x {price} to order {id} would overflow its total"
+                                ))),
                             }
-                        },
-                    };
-                    idem.record(&mut writes, &answer);
-                    Ok(Tx::Commit(writes, answer))
-                }
-                .await;
-                (conn, decision)
-            })
-            .await?;
-        Ok(answer)
-    }
-
-    /// The first answer recorded under `idem`, if the request already ran.
-    pub async fn recorded(&self, idem: &IdemKey) -> Result<Option<Answer>, StoreError> {
-        let raw: Option<String> = self
-            .store
-            .query(redis::cmd("GET").arg(idem.redis_key()))
-            .await?;
-        Ok(raw.as_deref().and_then(Answer::decode))
+                        }
+                    },
+                };
+                Ok((writes, answer))
+            }
+            .await;
+            (conn, decided)
+        })
+        .await
     }
 
     /// Freezes the order for `saga`, if it is still exactly `seen` (the
@@ -352,7 +334,8 @@ impl Orders {
     }
 }
 
-fn under_checkout(id: &OrderId) -> ApiError {
+/// The refusal of a change to an order a checkout holds.
+pub fn under_checkout(id: &OrderId) -> ApiError {
     ApiError::Conflict(format!(
         "order {id} is being checked out; items can be added once the checkout has ended"
     ))

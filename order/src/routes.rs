@@ -13,7 +13,7 @@ use common::error::ApiError;
 use common::idempotency::{self, Answer, IdemKey};
 use common::types::{parse_batch_size, Amount, ItemId, OrderId, UserId};
 
-use crate::orders::Order;
+use crate::orders::{under_checkout, Order};
 use crate::saga::{Hold, Orchestrator};
 use crate::stock_client::StockClient;
 
@@ -91,7 +91,7 @@ async fn add_item(
     let quantity = Amount::parse_positive("quantity", &quantity)?;
     let orders = &s.saga.orders;
     // A repeat gets the first answer, whatever happened to the order since.
-    if let Some(first) = orders.recorded(&idem).await? {
+    if let Some(first) = idempotency::recorded(orders.store(), &idem).await? {
         return Ok(first);
     }
     // What the transaction needs from outside the order store: whether a
@@ -117,12 +117,6 @@ async fn add_item(
     orders
         .add_item(&id, &item, quantity, price, stale, &idem, render)
         .await
-}
-
-fn under_checkout(id: &OrderId) -> ApiError {
-    ApiError::Conflict(format!(
-        "order {id} is being checked out; items can be added once the checkout has ended"
-    ))
 }
 
 async fn checkout(

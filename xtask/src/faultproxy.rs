@@ -124,17 +124,7 @@ impl FaultProxy {
         // Non-blocking so that the accept thread can poll with a timeout and notice `stop`.
         listener.set_nonblocking(true)?;
         let port = listener.local_addr()?.port();
-        let shared = Arc::new(Shared {
-            target: SocketAddr::from((Ipv4Addr::LOCALHOST, target_port)),
-            mode: Mutex::new(Mode::Forward),
-            trigger: Mutex::new(None),
-            generation: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-            accepted: AtomicUsize::new(0),
-            fired: AtomicUsize::new(0),
-            next_id: AtomicU64::new(0),
-            live: Mutex::new(HashMap::new()),
-        });
+        let shared = Arc::new(Shared::new(target_port, None));
         let acceptor = {
             let shared = shared.clone();
             thread::Builder::new()
@@ -241,6 +231,21 @@ impl Drop for FaultProxy {
 }
 
 impl Shared {
+    /// Fresh state for a proxy to `127.0.0.1:target_port`, forwarding, with `trigger` armed.
+    fn new(target_port: u16, trigger: Option<Vec<u8>>) -> Self {
+        Shared {
+            target: SocketAddr::from((Ipv4Addr::LOCALHOST, target_port)),
+            mode: Mutex::new(Mode::Forward),
+            trigger: Mutex::new(trigger),
+            generation: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            accepted: AtomicUsize::new(0),
+            fired: AtomicUsize::new(0),
+            next_id: AtomicU64::new(0),
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
     fn mode(&self) -> Mode {
         *lock(&self.mode)
     }
@@ -532,17 +537,7 @@ mod tests {
     }
 
     fn shared(trigger: &[u8]) -> Shared {
-        Shared {
-            target: SocketAddr::from((Ipv4Addr::LOCALHOST, 1)),
-            mode: Mutex::new(Mode::Forward),
-            trigger: Mutex::new(Some(trigger.to_vec())),
-            generation: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-            accepted: AtomicUsize::new(0),
-            fired: AtomicUsize::new(0),
-            next_id: AtomicU64::new(0),
-            live: Mutex::new(HashMap::new()),
-        }
+        Shared::new(1, Some(trigger.to_vec()))
     }
 
     #[test]
