@@ -44,10 +44,11 @@ pub struct Order {
 /// What [`Orders::freeze`] found.
 #[derive(Debug, PartialEq)]
 pub enum Freeze {
-    /// The order is now held by the saga.
-    Frozen,
-    /// The order is not the one the saga was begun from any more.
-    Changed,
+    /// The order is now held by the saga, with this content.
+    Frozen(Order),
+    Paid,
+    /// Another saga holds it, one that has not ended.
+    Held(SagaId),
     NotFound,
 }
 
@@ -274,24 +275,30 @@ impl Orders {
         .await
     }
 
-    /// Freezes the order for `saga`, if it is still exactly `seen` (the
-    /// snapshot the saga was begun from, including a stale hold).
+    /// Freezes the order for `saga` as it is now, unless it is paid or held
+    /// by another saga (a hold by `stale`, a saga that has ended, is taken
+    /// over). The content it froze is returned: the saga charges and
+    /// reserves exactly that, whatever `addItem`s landed since it looked.
     pub async fn freeze(
         &self,
         id: &OrderId,
         saga: SagaId,
-        seen: &Order,
+        stale: Option<SagaId>,
     ) -> Result<Freeze, StoreError> {
         self.update(id, |order| match order {
             None => (None, Freeze::NotFound),
-            Some(order) if order == *seen => (
-                Some(Order {
+            Some(order) if order.paid => (None, Freeze::Paid),
+            Some(Order {
+                checkout: Some(other),
+                ..
+            }) if Some(other) != stale => (None, Freeze::Held(other)),
+            Some(order) => {
+                let frozen = Order {
                     checkout: Some(saga),
                     ..order
-                }),
-                Freeze::Frozen,
-            ),
-            Some(_) => (None, Freeze::Changed),
+                };
+                (Some(frozen.clone()), Freeze::Frozen(frozen))
+            }
         })
         .await
     }

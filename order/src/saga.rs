@@ -100,7 +100,7 @@ pub struct Routing {
     pub instance: String,
 }
 
-/// How many times a checkout starts over when the order changed under it.
+/// How many times a checkout starts over after the saga it waited for was abandoned.
 const BEGIN_TRIES: usize = 5;
 /// Recovery attempts before a saga is handed to an operator.
 const RECOVERY_ATTEMPTS: i64 = 20;
@@ -182,13 +182,17 @@ impl Orchestrator {
             if order.paid {
                 return Ok(paid(order_id));
             }
-            if let Hold::Held(other) = self.hold(&order).await? {
-                if let Some(answer) = self.wait_for(other, deadline).await? {
-                    self.sagas.record_answer(idem, &answer).await?;
-                    return Ok(answer);
+            let stale = match self.hold(&order).await? {
+                Hold::Held(other) => {
+                    if let Some(answer) = self.wait_for(other, deadline).await? {
+                        self.sagas.record_answer(idem, &answer).await?;
+                        return Ok(answer);
+                    }
+                    continue;
                 }
-                continue;
-            }
+                Hold::Stale(saga) => Some(saga),
+                Hold::Free => None,
+            };
             let saga = SagaRecord {
                 id: SagaId::new(),
                 order_id: order_id.clone(),
@@ -211,10 +215,21 @@ impl Orchestrator {
                 }
                 Begin::Started => {}
             }
-            match self.orders.freeze(order_id, saga.id, &order).await? {
-                Freeze::Frozen => return self.drive(saga, deadline).await,
-                Freeze::Changed => {
+            match self.orders.freeze(order_id, saga.id, stale).await? {
+                Freeze::Frozen(frozen) => {
+                    let saga = self.bind(saga, &frozen).await?;
+                    return self.drive(saga, deadline).await;
+                }
+                Freeze::Paid => {
                     self.abandon(&saga).await?;
+                    return Ok(paid(order_id));
+                }
+                Freeze::Held(other) => {
+                    self.abandon(&saga).await?;
+                    if let Some(answer) = self.wait_for(other, deadline).await? {
+                        self.sagas.record_answer(idem, &answer).await?;
+                        return Ok(answer);
+                    }
                 }
                 Freeze::NotFound => {
                     self.abandon(&saga).await?;
@@ -223,8 +238,24 @@ impl Orchestrator {
             }
         }
         Err(ApiError::Unavailable(format!(
-            "order {order_id} kept changing during checkout; retry"
+            "order {order_id}: every checkout this one waited for was abandoned; retry"
         )))
+    }
+
+    /// The saga takes exactly what the order froze: if an `addItem` landed
+    /// between the look at the order and the freeze, its record is rewritten
+    /// (before any step is sent).
+    async fn bind(&self, saga: SagaRecord, frozen: &Order) -> Result<SagaRecord, ApiError> {
+        let bound = SagaRecord {
+            user_id: frozen.user_id.clone(),
+            lines: frozen.lines(),
+            total: frozen.total_cost,
+            ..saga.clone()
+        };
+        if bound != saga {
+            self.sagas.set_content(&bound).await?;
+        }
+        Ok(bound)
     }
 
     /// A saga that began but never held the order: nothing was sent for it.

@@ -205,6 +205,24 @@ impl SagaStore {
             .await
     }
 
+    /// Rewrites what the saga takes (the order changed between the saga's
+    /// start and its freeze). Runs before any step is sent.
+    pub async fn set_content(&self, saga: &SagaRecord) -> Result<(), StoreError> {
+        let lines = serde_json::to_string(&saga.lines).expect("lines serialize");
+        let mut writes = redis::pipe();
+        writes
+            .hset_multiple(
+                saga_key(saga.id),
+                &[
+                    ("user", saga.user_id.to_string()),
+                    ("lines", lines),
+                    ("total", saga.total.to_string()),
+                ],
+            )
+            .ignore();
+        self.store.write(&writes).await
+    }
+
     async fn fields(&self, id: SagaId) -> Result<HashMap<String, String>, StoreError> {
         self.store
             .query(redis::cmd("HGETALL").arg(saga_key(id)))
