@@ -18,9 +18,12 @@ must hold whatever the fleet does (an upper bound on stock, on an order's quanti
 repeats are counted too, so a repeat that is wrongly applied shows up once, as itself
 and in the final conservation check, not again as a broken bound.
 
-No faults are injected in this history, so a 5xx or a transport error is a violation;
-the model still treats such a request's outcome as unknown (either way is allowed in
-the conservation ranges) so that the other checks stay exact.
+Without injected faults (`faults=False`, the plain run) a 5xx or a transport error is a
+violation. With faults (the run behind fault proxies, order/tests/history_under_faults.rs)
+they are allowed and counted. Either way such a request's outcome is unknown (either way
+is allowed in the conservation ranges), so the other checks stay exact, and a repeat of it
+(a client's retry with the same key) may answer anything a first request could: a 5xx is
+not an answer the fleet records.
 """
 
 from __future__ import annotations
@@ -153,8 +156,10 @@ def summed(items: Any) -> dict[str, int] | None:
 
 
 class Model:
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, faults: bool = False):
         self.seed = seed
+        self.faults = faults
+        self.faulted = 0  # answers that were a 5xx or no answer (allowed only with faults)
         self.items: dict[str, ItemState] = {}
         self.users: dict[str, UserState] = {}
         self.orders: dict[str, OrderState] = {}
@@ -214,7 +219,11 @@ class Model:
         self.inflight -= 1
         st = req.status
         self.statuses["error" if st is None else str(st)] += 1
-        if st is None:
+        if req.unknown:
+            self.faulted += 1
+        if self.faults and req.unknown:
+            pass
+        elif st is None:
             self.violation("transport", f"no answer: {req.describe()}")
         elif st >= 500:
             self.violation("5xx", f"a 5xx although no fault is injected: {req.describe()}")
@@ -242,7 +251,7 @@ class Model:
     def _repeat(self, req: Req, kind: str) -> None:
         first = req.orig
         assert first is not None
-        if not req.unknown and (req.status != first.status or req.body != first.body):
+        if not req.unknown and not first.unknown and (req.status != first.status or req.body != first.body):
             self.violation(
                 "idempotency",
                 f"a repeat with the same Idempotency-Key answered differently: first {first.describe()}; "
@@ -253,6 +262,10 @@ class Model:
             # different answer) is the one time the change was applied: count it once
             self.applied_by_repeat.add(first.rid)
             self._applied_late(req, kind)
+        if kind == "create_order" and req.ok and first.unknown and first.rid not in self.applied_by_repeat:
+            # a retry of a create whose first answer was lost: the order it names exists
+            self.applied_by_repeat.add(first.rid)
+            self._create_order(req)
         if kind in ("stock_add", "stock_subtract"):
             if req.ok:
                 self.items[req.target].repeats_ok += 1

@@ -16,6 +16,13 @@ answers, total_cost against the items, the items against the acknowledged addIte
 violations are listed with the seed; HISTORY_SEED=<seed> replays the same set-up and the
 same random choices as far as timing allows (the interleaving differs from run to run).
 
+With HISTORY_FAULTS=1 (set by order/tests/history_under_faults.rs, which runs this test
+against a fleet whose links to Redis and the broker go through fault proxies) a 5xx or a
+lost answer is allowed; a client then retries the POST with the same key, as the contract
+tells it to, and the set-up retries until it has an answer. HISTORY_PHASE_FILE, when set,
+is written "clients" when the random mix starts and "settle" when it ends, so the fault
+injector hurts the mix and not the final reads.
+
 batch_init is left out on purpose: it overwrites the global ids "0".."n-1" that other
 test modules (and stress tests) use, and its entities could be changed by anyone while
 this history runs, so the model could not account for them.
@@ -50,6 +57,16 @@ OPEN_ORDERS = 24  # about this many orders are open (not known paid, not full) a
 FULL_ORDER = 12  # units after which an order gets no more addItems on purpose (it may never be paid)
 POOL_SIZE = 4000  # earlier POSTs kept for same-key repeats
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=120, connect=30)
+FAULTS = os.environ.get("HISTORY_FAULTS") == "1"
+PHASE_FILE = os.environ.get("HISTORY_PHASE_FILE")
+RETRIES = 3  # with faults: how often a client retries a POST whose answer was unknown
+SETUP_RETRIES = 60  # with faults: how often the set-up retries one of its requests
+
+
+def phase(name: str) -> None:
+    if PHASE_FILE:
+        with open(PHASE_FILE, "w") as f:
+            f.write(name)
 
 
 class History:
@@ -58,7 +75,7 @@ class History:
         self.seed = seed
         self.session = session
         self.log = log
-        self.model = Model(seed)
+        self.model = Model(seed, faults=FAULTS)
         self.next_rid = 0
         self.pool: list[Req] = []  # reservoir of answered POSTs
         self.recent: deque[Req] = deque(maxlen=200)
@@ -94,6 +111,13 @@ class History:
         }) + "\n")
         if method == "POST" and orig is None and not req.unknown and rng is not None:
             self.remember(req, rng)
+        if FAULTS and method == "POST" and orig is None and req.unknown and rng is not None:
+            # what the contract tells a client to do after a 5xx or a lost answer
+            for _ in range(RETRIES):
+                await asyncio.sleep(rng.random() * 0.5)
+                again = await self.send(kind, method, path, target=target, item=item, amount=amount, orig=req)
+                if not again.unknown:
+                    return again
         return req
 
     def remember(self, req: Req, rng: random.Random) -> None:
@@ -107,7 +131,12 @@ class History:
                 self.pool[j] = req
 
     async def must(self, kind: str, method: str, path: str) -> object:
-        req = await self.send(kind, method, path)
+        req = first = await self.send(kind, method, path)
+        for _ in range(SETUP_RETRIES if FAULTS else 0):
+            if not req.unknown:
+                break
+            await asyncio.sleep(0.25)
+            req = await self.send(kind, method, path, orig=first if method == "POST" else None)
         assert req.ok, f"[seed {self.seed}] set-up failed: {req.describe()}"
         return req.body
 
@@ -301,7 +330,11 @@ async def run_history(base: str, seed: int, log) -> tuple[History, float]:
         await h.setup(rng)
         t0 = time.monotonic()
         h.deadline = t0 + SECONDS
-        await asyncio.gather(*(h.client(random.Random(f"{seed}:{i}")) for i in range(CLIENTS)))
+        phase("clients")
+        try:
+            await asyncio.gather(*(h.client(random.Random(f"{seed}:{i}")) for i in range(CLIENTS)))
+        finally:
+            phase("settle")
         duration = time.monotonic() - t0
         assert h.model.inflight == 0, f"[seed {seed}] {h.model.inflight} requests still unanswered"
         items, users, orders = await h.settle()
@@ -313,7 +346,8 @@ def test_random_history_matches_model(gateway, report):
     seed = int(os.environ.get("HISTORY_SEED") or random.randrange(1 << 32))
     log_path = os.environ.get("HISTORY_LOG") or os.path.join(
         tempfile.gettempdir(), f"history-{seed}-{os.getpid()}.jsonl.gz")
-    print(f"\nhistory: HISTORY_SEED={seed}, {CLIENTS} clients for {SECONDS:g} s, log {log_path}", flush=True)
+    print(f"\nhistory: HISTORY_SEED={seed}, {CLIENTS} clients for {SECONDS:g} s, "
+          f"{'faults injected, ' if FAULTS else ''}log {log_path}", flush=True)
 
     with gzip.open(log_path, "wt", compresslevel=1) as log:
         h, duration = asyncio.run(run_history(gateway, seed, log))
@@ -327,7 +361,8 @@ def test_random_history_matches_model(gateway, report):
     report(
         f"history (seed {seed}): {CLIENTS} clients, {total} requests in {duration:.1f} s "
         f"({total / duration:.0f}/s), {m.repeats} same-key repeats; per kind {dict(sorted(mix.items()))}; "
-        f"answers per status {dict(sorted(m.statuses.items()))}; {len(m.orders)} orders, {paid} paid; "
+        f"answers per status {dict(sorted(m.statuses.items()))} ({m.faulted} unknown outcomes"
+        f"{', faults injected' if FAULTS else ''}); {len(m.orders)} orders, {paid} paid; "
         f"{len(m.violations)} violations {dict(m.categories)}"
     )
 

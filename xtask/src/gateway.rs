@@ -1,5 +1,8 @@
 //! The nginx gateway: renders gateway/nginx.conf.template and runs nginx under our supervision.
 //!
+//! In the library (not only the launcher) so that integration tests can put the real gateway in
+//! front of a fleet they build themselves.
+//!
 //! nginx runs with `-p <prefix> -c <conf> -e <error log>` and every path in the config pointing
 //! into target/fleet, so it needs no root and never touches /etc/nginx or /var/log/nginx.
 //! `daemon off` keeps the master as our direct child (a pid we know, in its own process group
@@ -11,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use xtask::net::port_is_open;
-use xtask::proc::{self, spawn_logged, tail};
-use xtask::{find_binary, wait_http_ok};
+use crate::net::port_is_open;
+use crate::proc::{self, spawn_logged, tail};
+use crate::{find_binary, wait_http_ok};
 
 pub const TEMPLATE: &str = "gateway/nginx.conf.template";
 
@@ -249,7 +252,7 @@ mod tests {
              it does not skip"
         );
         use std::io::{BufRead, BufReader, Write};
-        let dir = xtask::ScratchDir::new("gateway").unwrap();
+        let dir = crate::ScratchDir::new("gateway").unwrap();
         // A tiny upstream that answers every request with the request line's path.
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let up_port = listener.local_addr().unwrap().port();
@@ -271,7 +274,7 @@ mod tests {
                 );
             }
         });
-        let gw_port = xtask::free_port();
+        let gw_port = crate::free_port();
         let mut p = params(&dir.join("nginx"));
         p.port = gw_port;
         p.run_as_root = proc::is_root();
@@ -287,7 +290,7 @@ mod tests {
         )
         .unwrap();
         let base = format!("http://127.0.0.1:{gw_port}");
-        let get = |path: &str| xtask::http_get(&format!("{base}{path}"), Duration::from_secs(5));
+        let get = |path: &str| crate::http_get(&format!("{base}{path}"), Duration::from_secs(5));
         let result = (|| -> Result<()> {
             assert_eq!(get("/stock/find/7")?.body, "/find/7");
             assert_eq!(get("/orders/checkout/abc")?.body, "/checkout/abc");

@@ -22,6 +22,7 @@
 
 pub mod envfile;
 pub mod faultproxy;
+pub mod gateway;
 pub mod install;
 pub mod net;
 pub mod proc;

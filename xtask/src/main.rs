@@ -6,7 +6,6 @@
 
 mod down;
 mod fleet;
-mod gateway;
 mod interrupt;
 mod state;
 mod test_cmd;
@@ -139,7 +138,7 @@ mod tests {
     #[test]
     fn root_holds_the_workspace() {
         assert!(repo_root().join("Cargo.toml").is_file());
-        assert!(repo_root().join(gateway::TEMPLATE).is_file());
+        assert!(repo_root().join(xtask::gateway::TEMPLATE).is_file());
     }
 
     #[test]

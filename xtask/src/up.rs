@@ -13,7 +13,8 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::fleet::{self, EnvAction};
 use crate::state::{self, Broker, Kind, Record, State};
-use crate::{down, gateway, interrupt};
+use crate::{down, interrupt};
+use xtask::gateway;
 use xtask::proc::{self, spawn_logged, tail};
 use xtask::{ensure_installed, http_get, port_is_free, RabbitNode, RedisServer, Sentinel};
 
