@@ -1,0 +1,232 @@
+//! The services' env in `k8s/` against the charts configured in `helm-config/`.
+//!
+//! Redis (one Bitnami release per store) and RabbitMQ are installed by Helm from
+//! `helm-config/*-values.yaml`, which the service manifests cannot refer to: they repeat
+//! the host names, ports, Sentinel master sets, user names and Secret keys those files
+//! choose. This module reads the values files and checks that every repeat agrees, so a
+//! renamed release or a changed port fails here instead of in a pod that cannot connect.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use serde_yaml_ng::Value;
+use xtask::yaml::{at, scalar, seq_at, str_at};
+
+use super::container_env::ContainerEnv;
+use super::{data_keys, host_port, short_host, url_user, yaml_docs, Object, Problems};
+use crate::validate::shared::{files_under, is_yaml};
+
+/// One Bitnami Redis release described by `helm-config/redis-<store>-values.yaml`.
+#[derive(Debug)]
+struct RedisRelease {
+    file: String,
+    fullname: String,
+    master_set: String,
+}
+
+/// The Secret, Redis and RabbitMQ settings of the three services agree with the values
+/// files; every problem is added to `p`, a values file that cannot be read is an error.
+pub(super) fn check_k8s_against_helm(
+    root: &Path,
+    objects: &[Object],
+    envs: &[ContainerEnv],
+    p: &mut Problems,
+) -> Result<()> {
+    let helm = root.join("helm-config");
+    let common_path = helm.join("redis-values.yaml");
+    let redis_common = yaml_docs(&common_path)?
+        .into_iter()
+        .next()
+        .unwrap_or(Value::Null);
+    let sentinel_port: u16 = at(&redis_common, &["sentinel", "service", "ports", "sentinel"])
+        .and_then(scalar)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(26379);
+    let mut releases = Vec::new();
+    for file in files_under(&helm, &|f| {
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        name.starts_with("redis-") && is_yaml(f)
+    }) {
+        let doc = yaml_docs(&file)?.into_iter().next().unwrap_or(Value::Null);
+        let label = file
+            .strip_prefix(root)
+            .unwrap_or(&file)
+            .display()
+            .to_string();
+        if let (Some(fullname), Some(master_set)) = (
+            str_at(&doc, &["fullnameOverride"]),
+            str_at(&doc, &["sentinel", "masterSet"]),
+        ) {
+            releases.push(RedisRelease {
+                file: label,
+                fullname: fullname.to_string(),
+                master_set: master_set.to_string(),
+            });
+        }
+    }
+    if releases.is_empty() {
+        bail!("helm-config/: no redis-<store>-values.yaml with fullnameOverride and sentinel.masterSet");
+    }
+
+    // The Secret the charts read must be the one the Deployments read.
+    let secret_template = objects.iter().find(|o| o.kind == "Secret");
+    let secret_keys = secret_template.map(data_keys).unwrap_or_default();
+    let secret_name = secret_template.map(|s| s.name.clone()).unwrap_or_default();
+    let redis_secret = str_at(&redis_common, &["auth", "existingSecret"]).unwrap_or_default();
+    let redis_key =
+        str_at(&redis_common, &["auth", "existingSecretPasswordKey"]).unwrap_or_default();
+    p.check(redis_secret == secret_name && secret_keys.contains(redis_key), || {
+        format!(
+            "helm-config/redis-values.yaml: auth.existingSecret {redis_secret}/{redis_key} is not the k8s Secret template ({secret_name}: {secret_keys:?})"
+        )
+    });
+
+    let rabbit_path = helm.join("rabbitmq-values.yaml");
+    let rabbit = yaml_docs(&rabbit_path)?
+        .into_iter()
+        .next()
+        .unwrap_or(Value::Null);
+    let rabbit_host = str_at(&rabbit, &["fullnameOverride"])
+        .unwrap_or("rabbitmq")
+        .to_string();
+    let rabbit_port: u16 = at(&rabbit, &["service", "ports", "amqp"])
+        .and_then(scalar)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5672);
+    let rabbit_user = str_at(&rabbit, &["auth", "username"])
+        .unwrap_or("user")
+        .to_string();
+    let rabbit_nodes: u64 = at(&rabbit, &["replicaCount"])
+        .and_then(Value::as_u64)
+        .unwrap_or(1);
+    for (secret_path, key_path, default_key) in [
+        (
+            "existingPasswordSecret",
+            "existingSecretPasswordKey",
+            "rabbitmq-password",
+        ),
+        (
+            "existingErlangSecret",
+            "existingSecretErlangKey",
+            "rabbitmq-erlang-cookie",
+        ),
+    ] {
+        let secret = str_at(&rabbit, &["auth", secret_path]).unwrap_or_default();
+        let key = str_at(&rabbit, &["auth", key_path])
+            .filter(|k| !k.is_empty())
+            .unwrap_or(default_key);
+        p.check(secret == secret_name && secret_keys.contains(key), || {
+            format!(
+                "helm-config/rabbitmq-values.yaml: auth.{secret_path} {secret}/{key} is not the k8s Secret template ({secret_name})"
+            )
+        });
+    }
+
+    let services: BTreeMap<&str, &Object> = objects
+        .iter()
+        .filter(|o| o.kind == "Service")
+        .map(|o| (o.name.as_str(), o))
+        .collect();
+    for env in envs
+        .iter()
+        .filter(|e| ["stock", "payment", "order"].contains(&e.deployment.as_str()))
+    {
+        let who = format!("{}: Deployment {}", env.file, env.deployment);
+        let literal = |name: &str| env.vars.get(name).cloned().flatten();
+
+        // Redis: the Sentinels listed must be those of the releases, and know the masters.
+        let sentinels: Vec<(String, u16)> = literal("REDIS_SENTINELS")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| host_port(s, 26379))
+            .collect();
+        if sentinels.is_empty() && literal("REDIS_URL").is_none() {
+            p.add(format!("{who}: sets neither REDIS_SENTINELS nor REDIS_URL"));
+        }
+        for (host, port) in &sentinels {
+            let release = releases.iter().find(|r| r.fullname == short_host(host));
+            match release {
+                None => p.add(format!(
+                    "{who}: REDIS_SENTINELS names {host}, which no helm-config/redis-*-values.yaml creates ({})",
+                    releases.iter().map(|r| r.fullname.as_str()).collect::<Vec<_>>().join(", ")
+                )),
+                Some(r) => p.check(*port == sentinel_port, || {
+                    format!("{who}: REDIS_SENTINELS uses {host}:{port}, but the Sentinel port of {} is {sentinel_port}", r.file)
+                }),
+            }
+        }
+        let mut masters = vec![(
+            "REDIS_MASTER_NAME",
+            literal("REDIS_MASTER_NAME").unwrap_or_else(|| env.deployment.clone()),
+        )];
+        if env.deployment == "order" {
+            masters.push((
+                "SAGA_REDIS_MASTER_NAME",
+                literal("SAGA_REDIS_MASTER_NAME").unwrap_or_else(|| "saga".into()),
+            ));
+        }
+        if !sentinels.is_empty() {
+            for (var, master) in masters {
+                match releases.iter().find(|r| r.master_set == master) {
+                    None => p.add(format!(
+                        "{who}: {var}={master} is the sentinel.masterSet of no helm-config/redis-*-values.yaml"
+                    )),
+                    Some(r) => p.check(
+                        sentinels.iter().any(|(h, _)| short_host(h) == r.fullname),
+                        || format!("{who}: {var}={master} lives behind {}:{sentinel_port} ({}), missing from REDIS_SENTINELS", r.fullname, r.file),
+                    ),
+                }
+            }
+        }
+        for var in ["REDIS_PASSWORD", "REDIS_SENTINEL_PASSWORD"] {
+            let auth_needed = var == "REDIS_PASSWORD"
+                || at(&redis_common, &["auth", "sentinel"]).and_then(Value::as_bool) != Some(false);
+            let reference = env.secret_refs.iter().find(|(v, _, _)| v == var);
+            match reference {
+                Some((_, secret, key)) => p.check(secret == redis_secret && key == redis_key, || {
+                    format!("{who}: {var} reads {secret}/{key}, the Redis chart uses {redis_secret}/{redis_key}")
+                }),
+                None if auth_needed => p.add(format!(
+                    "{who}: {var} must come from Secret {redis_secret} key {redis_key} (the chart enables auth)"
+                )),
+                None => {}
+            }
+        }
+
+        // RabbitMQ.
+        match literal("AMQP_URL") {
+            None => p.add(format!("{who}: AMQP_URL is not set as a value")),
+            Some(url) => {
+                let (host, port) = host_port(&url, 5672);
+                p.check(short_host(&host) == rabbit_host && port == rabbit_port, || {
+                    format!("{who}: AMQP_URL points at {host}:{port}, the RabbitMQ release serves {rabbit_host}:{rabbit_port}")
+                });
+                p.check(url_user(&url).as_deref() == Some(rabbit_user.as_str()), || {
+                    format!("{who}: AMQP_URL user is {:?}, helm-config/rabbitmq-values.yaml auth.username is {rabbit_user}", url_user(&url))
+                });
+            }
+        }
+        if rabbit_nodes > 1 {
+            p.check(literal("AMQP_QUEUE_TYPE").as_deref() == Some("quorum"), || {
+                format!("{who}: RabbitMQ runs {rabbit_nodes} nodes, so AMQP_QUEUE_TYPE must be quorum")
+            });
+        }
+
+        // The stock service, as the order service calls it.
+        if let Some(url) = literal("STOCK_URL") {
+            let (host, port) = host_port(&url, 80);
+            let ok = services.get(short_host(&host)).is_some_and(|s| {
+                seq_at(&s.doc, &["spec", "ports"])
+                    .iter()
+                    .any(|sp| sp.get("port").and_then(scalar) == Some(port.to_string()))
+            });
+            p.check(ok, || {
+                format!("{who}: STOCK_URL {url} is no Service port in k8s/")
+            });
+        }
+    }
+    Ok(())
+}
