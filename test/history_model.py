@@ -37,7 +37,7 @@ from typing import Any
 # kinds of request; "final_find_*" are the quiet-period snapshot reads (same checks as find_*)
 MIX_KINDS = (
     "stock_add", "stock_subtract", "add_funds", "pay", "create_order",
-    "add_item", "checkout", "find_item", "find_user", "find_order",
+    "add_item", "checkout", "find_item", "find_user", "find_order", "batch_orders", "batch_checkout",
 )
 
 
@@ -122,6 +122,24 @@ class OrderState:
     repeats_ok: int = 0
 
 
+@dataclass(slots=True)
+class BatchWorld:
+    """The batch_init id range: items and users "0".."n-1" set up once by batch_init and then
+    touched only by checkouts of batch orders "0".."n_orders-1", which batch_init overwrites
+    (new content, unpaid) again and again while they are being checked out. Every batch order
+    is two lines of quantity 1 at `price` each, so every charge takes exactly 2 units and
+    2 x price: which content a checkout froze cannot be known, but these totals can."""
+    n: int
+    n_orders: int
+    price: int
+    stock: int
+    credit: int
+    checkout_ok: int = 0  # first requests answered 2xx
+    checkout_unknown: int = 0
+    checkout_refused: int = 0
+    inits_ok: int = 0
+
+
 def req_category(req: Req) -> str:
     return "409" if req.status == 409 else "status"
 
@@ -171,6 +189,7 @@ class Model:
         self.repeats = 0
         self.applied_by_repeat: set[int] = set()  # first requests refused whose repeat answered 2xx
         self.inflight = 0
+        self.batch: BatchWorld | None = None
 
     # -- bookkeeping ------------------------------------------------------
     def violation(self, category: str, text: str) -> None:
@@ -304,6 +323,8 @@ class Model:
             oid = req.body.get("order_id") if isinstance(req.body, dict) else None
             if is_uuid(oid):
                 self.add_order(oid, req.target)
+        elif kind == "batch_checkout" and self.batch is not None:
+            self.batch.checkout_ok += 1
 
     # stock ------------------------------------------------------------------
     def _stock_add(self, req: Req) -> None:
@@ -383,6 +404,60 @@ class Model:
             self.violation("negative", f"negative credit: {req.describe()}")
 
     # orders ------------------------------------------------------------------
+    def _batch_checkout(self, req: Req) -> None:
+        b = self.batch
+        assert b is not None
+        if req.ok:
+            b.checkout_ok += 1
+        elif req.unknown:
+            b.checkout_unknown += 1
+        elif req.status == 400:
+            b.checkout_refused += 1  # legal only when a batch_init overwrote the order meanwhile
+        else:
+            self._bad_status(req, "2xx or 400 (a batch order always exists)")
+
+    def _batch_orders(self, req: Req) -> None:
+        if req.ok:
+            assert self.batch is not None
+            self.batch.inits_ok += 1
+        elif not req.unknown:
+            self._bad_status(req, "2xx (batch_init of orders with valid numbers)")
+
+    def batch_check(self, items: dict[str, Any], users: dict[str, Any], orders: dict[str, Any]) -> None:
+        """The batch range's totals: every unit taken was charged at its price, in pairs, by no
+        more checkouts than answered 2xx (or had an unknown outcome), and by at least one per
+        order paid now. A checkout refused because batch_init overwrote its order left nothing."""
+        b = self.batch
+        if b is None:
+            return
+        stocks = [items.get(str(i)) for i in range(b.n)]
+        credits = [users.get(str(u)) for u in range(b.n)]
+        finds = [orders.get(str(o)) for o in range(b.n_orders)]
+        if not all(isinstance(x, dict) and is_int(x.get("stock")) for x in stocks) or \
+                not all(isinstance(x, dict) and is_int(x.get("credit")) for x in credits) or \
+                not all(isinstance(x, dict) and isinstance(x.get("paid"), bool) for x in finds):
+            self.violation("final", "batch range: no usable final find of every item, user and order")
+            return
+        units = sum(b.stock - x["stock"] for x in stocks)
+        charged = sum(b.credit - x["credit"] for x in credits)
+        paid_now = sum(1 for x in finds if x["paid"])
+        where = (f"batch range (price {b.price}; {b.checkout_ok} checkouts 2xx, {b.checkout_unknown} unknown, "
+                 f"{b.checkout_refused} refused; {b.inits_ok} batch_inits of the orders; {paid_now} orders paid now)")
+        if charged != units * b.price:
+            self.violation("batch", f"{where}: {units} units taken but {charged} credit charged "
+                                    f"(every unit costs {b.price})")
+        if units % 2:
+            self.violation("batch", f"{where}: {units} units taken, not a multiple of an order's 2")
+        if not paid_now <= units // 2 <= b.checkout_ok + b.checkout_unknown:
+            self.violation("batch", f"{where}: {units // 2} orders' worth taken; allowed {paid_now}.."
+                                    f"{b.checkout_ok + b.checkout_unknown}")
+        for i, x in enumerate(stocks):
+            if x["stock"] < 0 or x["stock"] > b.stock:
+                self.violation("batch", f"batch item {i}: stock {x['stock']} outside 0..{b.stock}")
+        for u, x in enumerate(credits):
+            if x["credit"] < 0 or x["credit"] > b.credit:
+                self.violation("batch", f"batch user {u}: credit {x['credit']} outside 0..{b.credit}")
+
     def _create_order(self, req: Req) -> None:
         if not req.ok:
             if not req.unknown:

@@ -23,9 +23,11 @@ tells it to, and the set-up retries until it has an answer. HISTORY_PHASE_FILE, 
 is written "clients" when the random mix starts and "settle" when it ends, so the fault
 injector hurts the mix and not the final reads.
 
-batch_init is left out on purpose: it overwrites the global ids "0".."n-1" that other
-test modules (and stress tests) use, and its entities could be changed by anyone while
-this history runs, so the model could not account for them.
+batch_init runs on a range of its own: the set-up batch-initialises BATCH_N items and users
+("0".."n-1", plenty of stock and credit) and BATCH_ORDERS orders; the mix then keeps
+batch-initialising the orders again while it checks them out, and the model checks the
+range's totals (history_model.BatchWorld). It overwrites the global ids that other test
+modules and stress tests use: run the history alone (pytest runs modules one at a time).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from collections import deque
 import aiohttp
 import pytest
 
-from history_model import Model, Req
+from history_model import BatchWorld, Model, Req
 
 pytestmark = pytest.mark.history
 
@@ -51,6 +53,10 @@ SECONDS = float(os.environ.get("HISTORY_SECONDS", "20"))
 CLIENTS = int(os.environ.get("HISTORY_CLIENTS", "32"))
 N_ITEMS = 8
 N_USERS = 16
+BATCH_N = 10  # batch items and users "0".."BATCH_N-1"
+BATCH_ORDERS = 40
+BATCH_STOCK = 1_000_000
+BATCH_CREDIT = 1_000_000_000
 QUIET_LIMIT_S = 30.0
 SHOWN_VIOLATIONS = 300  # in the failure message; the log file has all of them
 OPEN_ORDERS = 24  # about this many orders are open (not known paid, not full) at any time
@@ -168,6 +174,11 @@ class History:
         for uid, credit in made[N_ITEMS:]:
             self.model.add_user(uid, credit)
         self.item_ids = list(self.model.items)
+        price = rng.randint(1, 20)
+        await self.must("setup", "POST", f"/stock/batch_init/{BATCH_N}/{BATCH_STOCK}/{price}")
+        await self.must("setup", "POST", f"/payment/batch_init/{BATCH_N}/{BATCH_CREDIT}")
+        await self.must("setup", "POST", self.batch_orders_path(price))
+        self.model.batch = BatchWorld(BATCH_N, BATCH_ORDERS, price, BATCH_STOCK, BATCH_CREDIT)
         self.user_ids = list(self.model.users)
         for _ in range(OPEN_ORDERS):
             await self.op_create_order(rng)
@@ -271,6 +282,16 @@ class History:
             oid = self.pick_order(rng, 0.5)
             await self.send("find_order", "GET", f"/orders/find/{oid}", target=oid)
 
+    def batch_orders_path(self, price: int) -> str:
+        return f"/orders/batch_init/{BATCH_ORDERS}/{BATCH_N}/{BATCH_N}/{price}"
+
+    async def op_batch_orders(self, rng):
+        await self.send("batch_orders", "POST", self.batch_orders_path(self.model.batch.price), rng=rng)
+
+    async def op_batch_checkout(self, rng):
+        oid = str(rng.randrange(BATCH_ORDERS))
+        await self.send("batch_checkout", "POST", f"/orders/checkout/{oid}", target=oid, rng=rng)
+
     async def op_repeat(self, rng):
         source = self.recent if self.recent and rng.random() < 0.5 else self.pool
         if not source:
@@ -283,7 +304,7 @@ class History:
         ("op_stock_add", 7), ("op_stock_subtract", 7), ("op_add_funds", 7), ("op_pay", 7),
         ("op_create_order", 2), ("op_add_item", 26), ("op_checkout", 7),
         ("op_duplicate_checkouts", 2), ("op_add_item_during_checkout", 4),
-        ("op_find", 15), ("op_repeat", 12),
+        ("op_find", 15), ("op_repeat", 12), ("op_batch_orders", 1), ("op_batch_checkout", 4),
     )
 
     async def client(self, rng: random.Random) -> None:
@@ -293,7 +314,7 @@ class History:
             await getattr(self, rng.choices(names, weights)[0])(rng)
 
     # -- the quiet period ---------------------------------------------------------------
-    async def snapshot(self) -> tuple[dict, dict, dict]:
+    async def snapshot(self) -> tuple[dict, dict, dict, tuple]:
         sem = asyncio.Semaphore(max(CLIENTS, 16))
 
         async def find(kind, path, target):
@@ -306,10 +327,16 @@ class History:
             *(find("final_find_user", f"/payment/find_user/{u}", u) for u in self.user_ids),
             *(find("final_find_order", f"/orders/find/{o}", o) for o in list(self.model.order_ids)),
         )
+        batch = await asyncio.gather(
+            *(find("final_find_batch", f"/stock/find/{i}", str(i)) for i in range(BATCH_N)),
+            *(find("final_find_batch", f"/payment/find_user/{u}", str(u)) for u in range(BATCH_N)),
+            *(find("final_find_batch", f"/orders/find/{o}", str(o)) for o in range(BATCH_ORDERS)),
+        )
         n_i, n_u = len(self.item_ids), len(self.user_ids)
-        return (dict(found[:n_i]), dict(found[n_i:n_i + n_u]), dict(found[n_i + n_u:]))
+        return (dict(found[:n_i]), dict(found[n_i:n_i + n_u]), dict(found[n_i + n_u:]),
+                (dict(batch[:BATCH_N]), dict(batch[BATCH_N:2 * BATCH_N]), dict(batch[2 * BATCH_N:])))
 
-    async def settle(self) -> tuple[dict, dict, dict]:
+    async def settle(self) -> tuple[dict, dict, dict, tuple]:
         start = time.monotonic()
         snap = await self.snapshot()
         while True:
@@ -337,8 +364,9 @@ async def run_history(base: str, seed: int, log) -> tuple[History, float]:
             phase("settle")
         duration = time.monotonic() - t0
         assert h.model.inflight == 0, f"[seed {seed}] {h.model.inflight} requests still unanswered"
-        items, users, orders = await h.settle()
+        items, users, orders, batch = await h.settle()
         h.model.final_check(items, users, orders)
+        h.model.batch_check(*batch)
     return h, duration
 
 
@@ -363,7 +391,8 @@ def test_random_history_matches_model(gateway, report):
         f"({total / duration:.0f}/s), {m.repeats} same-key repeats; per kind {dict(sorted(mix.items()))}; "
         f"answers per status {dict(sorted(m.statuses.items()))} ({m.faulted} unknown outcomes"
         f"{', faults injected' if FAULTS else ''}); {len(m.orders)} orders, {paid} paid; "
-        f"{len(m.violations)} violations {dict(m.categories)}"
+        f"batch range: {m.batch.checkout_ok} checkouts 2xx, {m.batch.checkout_refused} refused, "
+        f"{m.batch.inits_ok} batch_inits of its orders; {len(m.violations)} violations {dict(m.categories)}"
     )
 
     if m.violations:
