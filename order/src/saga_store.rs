@@ -29,8 +29,12 @@ use common::types::{Amount, OrderId, SagaId, UserId};
 
 const ACTIVE: &str = "sagas:active";
 const ATTENTION: &str = "sagas:attention";
-/// How long a finished saga's record is kept (joining checkouts, operators).
-pub const RETENTION_SECS: i64 = 3600;
+/// How long a finished saga's record is kept (joining checkouts, operators): as long as a
+/// gateway-stamped idempotency key and a participant's tombstone, the window in which a retry
+/// of the same checkout can still arrive. A repeat with a client's own key (24 h) does not need
+/// the record: the key holds the final answer itself. Measured: at 1 h this record was 90 % of
+/// a checkout's memory (about 1 KB each, 2.5 GB at a sustained 600 checkouts/s).
+pub const RETENTION_SECS: i64 = 600;
 /// How long a saga that needs an operator is kept.
 pub const ATTENTION_RETENTION_SECS: i64 = 30 * 24 * 3600;
 
@@ -388,7 +392,8 @@ impl SagaStore {
             .await
     }
 
-    /// Extends the owner's leases, all in one pipeline.
+    /// Extends the owner's leases, all in one pipeline. `XX`: a lease the saga's end deleted
+    /// meanwhile is not written again (it would linger until its TTL).
     pub async fn renew(
         &self,
         ids: &[SagaId],
@@ -401,6 +406,7 @@ impl SagaStore {
                 .cmd("SET")
                 .arg(lease_key(*id))
                 .arg(owner)
+                .arg("XX")
                 .arg("PX")
                 .arg(lease.as_millis() as u64)
                 .ignore();
