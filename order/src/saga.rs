@@ -180,7 +180,7 @@ impl Orchestrator {
         for _ in 0..BEGIN_TRIES {
             let order = self.orders.find(order_id).await?;
             if order.paid {
-                return Ok(paid(order_id));
+                return self.answer_paid(order_id, idem).await;
             }
             let stale = match self.hold(&order).await? {
                 Hold::Held(other) => {
@@ -222,7 +222,7 @@ impl Orchestrator {
                 }
                 Freeze::Paid => {
                     self.abandon(&saga).await?;
-                    return Ok(paid(order_id));
+                    return self.answer_paid(order_id, idem).await;
                 }
                 Freeze::Held(other) => {
                     self.abandon(&saga).await?;
@@ -259,6 +259,14 @@ impl Orchestrator {
     }
 
     /// A saga that began but never held the order: nothing was sent for it.
+    /// "Already paid", recorded under the request's key first: a repeat must
+    /// hear it again even after `batch_init` made the order unpaid.
+    async fn answer_paid(&self, order_id: &OrderId, idem: &IdemKey) -> Result<Answer, ApiError> {
+        let answer = paid(order_id);
+        self.sagas.record_answer(idem, &answer).await?;
+        Ok(answer)
+    }
+
     async fn abandon(&self, saga: &SagaRecord) -> Result<(), ApiError> {
         self.sagas.decide(saga.id, SagaState::Aborted).await?;
         self.sagas
@@ -412,7 +420,8 @@ impl Orchestrator {
                 Undone::Confirmed => {
                     let no = refused(reason);
                     match self.sagas.finish(saga, Some(&no), reason).await {
-                        Ok(()) => send(Ok(no)),
+                        // The first answer recorded (another driver's, maybe) is the answer.
+                        Ok(first) => send(Ok(first.unwrap_or(no))),
                         Err(e) => send(Err(e.into())),
                     }
                     metrics::counter!("saga_outcomes_total", "outcome" => "aborted").increment(1);

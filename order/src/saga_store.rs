@@ -333,31 +333,53 @@ impl SagaStore {
     /// Marks the saga finished with the checkout's final answer (recorded
     /// under its idempotency key too), or without one when it was abandoned
     /// before it sent anything. Its record then expires.
+    ///
+    /// Once: when two instances drive one saga (its owner was slow, recovery
+    /// took over), both finish it, each with its own words for the outcome.
+    /// The first answer recorded stands; a later finish changes nothing and
+    /// returns that first answer, so every client hears the same one.
     pub async fn finish(
         &self,
         saga: &SagaRecord,
         answer: Option<&Answer>,
         reason: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<Answer>, StoreError> {
         let key = saga_key(saga.id);
-        let mut writes = redis::pipe();
-        writes
-            .srem(ACTIVE, saga.id.to_string())
-            .ignore()
-            .del(lease_key(saga.id))
-            .ignore()
-            .hset(&key, "finished_ms", common::now_ms())
-            .ignore()
-            .hset(&key, "reason", reason)
-            .ignore();
-        if let Some(answer) = answer {
-            writes.hset(&key, "answer", answer.encode()).ignore();
-            if let Some((idem_key, ttl)) = &saga.idem {
-                writes.set_ex(idem_key, answer.encode(), *ttl).ignore();
-            }
-        }
-        writes.expire(&key, RETENTION_SECS).ignore();
-        self.store.write(&writes).await
+        let key = &key;
+        self.store
+            .transact(std::slice::from_ref(key), |mut conn| async move {
+                let first: Result<Option<String>, _> = redis::cmd("HGET")
+                    .arg(key)
+                    .arg("answer")
+                    .query_async(&mut conn)
+                    .await;
+                let decision = match first {
+                    Err(e) => Err(StoreError::Redis(e)),
+                    Ok(Some(first)) => Ok(Tx::Abort(Answer::decode(&first))),
+                    Ok(None) => {
+                        let mut writes = redis::pipe();
+                        writes
+                            .srem(ACTIVE, saga.id.to_string())
+                            .ignore()
+                            .del(lease_key(saga.id))
+                            .ignore()
+                            .hset(key, "finished_ms", common::now_ms())
+                            .ignore()
+                            .hset(key, "reason", reason)
+                            .ignore();
+                        if let Some(answer) = answer {
+                            writes.hset(key, "answer", answer.encode()).ignore();
+                            if let Some((idem_key, ttl)) = &saga.idem {
+                                writes.set_ex(idem_key, answer.encode(), *ttl).ignore();
+                            }
+                        }
+                        writes.expire(key, RETENTION_SECS).ignore();
+                        Ok(Tx::Commit(writes, answer.cloned()))
+                    }
+                };
+                (conn, decision)
+            })
+            .await
     }
 
     /// Takes a saga out of automatic handling: an operator must finish it.
