@@ -7,246 +7,21 @@
 //! fleet's node); without it, a private node is started for the run. The
 //! scenarios run one after another inside a single test so that such a node
 //! is stopped when they end (a node kept in a static would outlive them).
+//! The fleet harness lives in `support/mod.rs`, shared with `participants.rs`.
+
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::broker::{Broker, QueueKind};
-use common::config::{OrderSettings, QueueType, Service, Settings, StepOrder};
+use common::config::QueueType;
 use common::messages::{Action, Batch, Command, Line, Outcome, Reply};
 use common::redis_store::RedisTarget;
 use common::types::{Amount, ItemId, SagaId};
-use serde_json::Value;
+use support::{active_sagas, amqp_port, fleet, fleet_with, test_broker, Fleet};
 use xtask::faultproxy::Mode;
-use xtask::{free_port, FaultProxy, RabbitNode, RedisServer, ScratchDir};
-
-/// A broker of the run's own, when `TEST_AMQP_URL` does not name one.
-struct TestBroker {
-    url: String,
-    _node: Option<(RabbitNode, ScratchDir)>,
-}
-
-fn test_broker() -> TestBroker {
-    if let Ok(url) = std::env::var("TEST_AMQP_URL") {
-        return TestBroker { url, _node: None };
-    }
-    let dir = ScratchDir::new("saga-test-broker").unwrap();
-    let node = RabbitNode::start(dir.path(), "sagatest@localhost", free_port(), free_port())
-        .expect("start a private RabbitMQ node (or set TEST_AMQP_URL)");
-    TestBroker {
-        url: node.amqp_url(),
-        _node: Some((node, dir)),
-    }
-}
-
-struct Fleet {
-    amqp: String,
-    stock: String,
-    payment: String,
-    order: String,
-    stock_queue: String,
-    http: reqwest::Client,
-    _redis: RedisServer,
-    _dir: ScratchDir,
-}
-
-fn settings(service: Service, redis: &RedisServer, db: u8, amqp: &str) -> Settings {
-    Settings {
-        service,
-        bind_addr: "127.0.0.1:0".into(),
-        instance_id: format!("{}-test-{}", service.name(), uuid::Uuid::new_v4().simple()),
-        redis: RedisTarget::Direct {
-            url: format!("{}/{db}", redis.url()),
-        },
-        wait_timeout: Duration::from_millis(10),
-        amqp_url: amqp.to_string(),
-        queue_type: QueueType::Classic,
-        prefetch: 64,
-    }
-}
-
-async fn fleet(amqp: &str) -> Fleet {
-    fleet_with(amqp, amqp).await
-}
-
-/// A fleet whose order service reaches the broker at `order_amqp` (a fault proxy, say).
-async fn fleet_with(amqp: &str, order_amqp: &str) -> Fleet {
-    let amqp = amqp.to_string();
-    let dir = ScratchDir::new("saga-test").unwrap();
-    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let tag = uuid::Uuid::new_v4().simple().to_string();
-    let stock_queue = format!("test.{tag}.stock");
-    let payment_queue = format!("test.{tag}.payment");
-    let stock = stock::build(&settings(Service::Stock, &redis, 1, &amqp), &stock_queue)
-        .unwrap()
-        .spawn()
-        .await;
-    let payment = payment::build(
-        &settings(Service::Payment, &redis, 2, &amqp),
-        &payment_queue,
-    )
-    .unwrap()
-    .spawn()
-    .await;
-    let order_settings = OrderSettings {
-        saga_redis: RedisTarget::Direct {
-            url: format!("{}/4", redis.url()),
-        },
-        step_order: StepOrder::Parallel,
-        stock_url: stock.clone(),
-        step_timeout: Duration::from_secs(5),
-        checkout_timeout: Duration::from_secs(20),
-        saga_lease: Duration::from_secs(2),
-    };
-    let queues = order::Queues {
-        stock: stock_queue.clone(),
-        payment: payment_queue,
-    };
-    let order = order::build(
-        &settings(Service::Order, &redis, 3, order_amqp),
-        &order_settings,
-        queues,
-    )
-    .unwrap()
-    .spawn()
-    .await;
-    let fleet = Fleet {
-        amqp,
-        stock,
-        payment,
-        order,
-        stock_queue,
-        http: reqwest::Client::new(),
-        _redis: redis,
-        _dir: dir,
-    };
-    for base in [&fleet.stock, &fleet.payment, &fleet.order] {
-        let mut ready = false;
-        for _ in 0..100 {
-            if fleet.get(&format!("{base}/ready")).await.0 == 200 {
-                ready = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(ready, "{base} never became ready");
-    }
-    fleet
-}
-
-impl Fleet {
-    async fn post(&self, url: &str) -> (u16, Value) {
-        let r = self.http.post(url).send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn get_text(&self, url: &str) -> String {
-        self.http
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-
-    async fn get(&self, url: &str) -> (u16, Value) {
-        let r = self.http.get(url).send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
-    /// A POST that must succeed (set-up): its status is checked, its body returned.
-    async fn post_ok(&self, url: &str) -> Value {
-        let (status, body) = self.post(url).await;
-        assert_eq!(status, 200, "POST {url} -> {status} {body}");
-        body
-    }
-
-    async fn post_with_key(&self, url: &str, key: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .post(url)
-            .header("Idempotency-Key", key)
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap())
-    }
-
-    async fn item(&self, stock: i64, price: i64) -> String {
-        let v = self
-            .post_ok(&format!("{}/item/create/{price}", self.stock))
-            .await;
-        let id = v["item_id"].as_str().unwrap().to_string();
-        if stock > 0 {
-            self.post_ok(&format!("{}/add/{id}/{stock}", self.stock))
-                .await;
-        }
-        id
-    }
-
-    async fn user(&self, credit: i64) -> String {
-        let v = self.post_ok(&format!("{}/create_user", self.payment)).await;
-        let id = v["user_id"].as_str().unwrap().to_string();
-        if credit > 0 {
-            self.post_ok(&format!("{}/add_funds/{id}/{credit}", self.payment))
-                .await;
-        }
-        id
-    }
-
-    async fn order(&self, user: &str, items: &[(&str, i64)]) -> String {
-        let v = self.post_ok(&format!("{}/create/{user}", self.order)).await;
-        let id = v["order_id"].as_str().unwrap().to_string();
-        for (item, qty) in items {
-            let (status, _) = self
-                .post(&format!("{}/addItem/{id}/{item}/{qty}", self.order))
-                .await;
-            assert_eq!(status, 200);
-        }
-        id
-    }
-
-    async fn stock_of(&self, item: &str) -> i64 {
-        self.get(&format!("{}/find/{item}", self.stock)).await.1["stock"]
-            .as_i64()
-            .unwrap()
-    }
-
-    async fn credit_of(&self, user: &str) -> i64 {
-        self.get(&format!("{}/find_user/{user}", self.payment))
-            .await
-            .1["credit"]
-            .as_i64()
-            .unwrap()
-    }
-
-    async fn paid(&self, order: &str) -> bool {
-        self.find_order(order).await["paid"].as_bool().unwrap()
-    }
-
-    async fn find_order(&self, order: &str) -> Value {
-        let (status, body) = self.get(&format!("{}/find/{order}", self.order)).await;
-        assert_eq!(status, 200, "find {order}: {body}");
-        body
-    }
-
-    /// A direct connection to one service's database (to corrupt or inspect it).
-    async fn db(&self, db: u8) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(format!("{}/{db}", self._redis.url()))
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
-    }
-
-    async fn checkout(&self, order: &str) -> u16 {
-        self.post(&format!("{}/checkout/{order}", self.order))
-            .await
-            .0
-    }
-}
+use xtask::FaultProxy;
 
 async fn a_checkout_takes_stock_and_credit_and_marks_the_order_paid(amqp: &str) {
     let f = fleet(amqp).await;
@@ -378,18 +153,6 @@ async fn a_late_command_after_its_compensation_is_refused_over_the_broker(amqp: 
     let late = deliver(&f, &reserve, 1).await;
     assert!(matches!(late[0], Outcome::Refused { .. }), "{late:?}");
     assert_eq!(f.stock_of(&item).await, 10);
-}
-
-/// The port of an `amqp://user:pass@host:port/vhost` URL.
-fn amqp_port(url: &str) -> u16 {
-    let authority = url
-        .split('@')
-        .next_back()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap();
-    authority.rsplit(':').next().unwrap().parse().unwrap()
 }
 
 /// A fleet whose order service talks to the broker through a proxy that
@@ -610,7 +373,7 @@ async fn orphan(f: &Fleet, order: &str) -> SagaId {
     let store = Arc::new(
         common::redis_store::Store::new(
             &RedisTarget::Direct {
-                url: format!("{}/4", f._redis.url()),
+                url: format!("{}/4", f.redis.url()),
             },
             Duration::from_millis(10),
         )
@@ -619,7 +382,7 @@ async fn orphan(f: &Fleet, order: &str) -> SagaId {
     let orders = order::orders::Orders::new(Arc::new(
         common::redis_store::Store::new(
             &RedisTarget::Direct {
-                url: format!("{}/3", f._redis.url()),
+                url: format!("{}/3", f.redis.url()),
             },
             Duration::from_millis(10),
         )
@@ -654,15 +417,6 @@ async fn orphan(f: &Fleet, order: &str) -> SagaId {
     };
     assert_eq!(deliver(f, &reserve, 1).await, vec![Outcome::Applied]);
     saga.id
-}
-
-async fn active_sagas(f: &Fleet, set: &str) -> Vec<String> {
-    let mut db = f.db(4).await;
-    redis::cmd("SMEMBERS")
-        .arg(set)
-        .query_async(&mut db)
-        .await
-        .unwrap()
 }
 
 /// An order instance dies mid-saga: another instance's recovery fences the
@@ -750,7 +504,7 @@ async fn a_compensation_that_cannot_apply_is_dead_lettered(amqp: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saga_scenarios() {
-    let broker = test_broker();
+    let broker = test_broker("sagatest@localhost");
     println!("scenario: a_checkout_takes_stock_and_credit_and_marks_the_order_paid");
     a_checkout_takes_stock_and_credit_and_marks_the_order_paid(&broker.url).await;
     println!("scenario: a_refused_step_is_compensated_and_nothing_stays_taken");
