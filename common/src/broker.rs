@@ -6,6 +6,7 @@
 //! every caller awaits only its own confirm, so many publishes are in flight
 //! on the shared channel at once (the broker is the scarce resource).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,6 +71,9 @@ pub struct Broker {
     /// Durable queues declared on every (re)connect, so a publish never lands nowhere.
     durable_queues: Vec<String>,
     live: Mutex<Option<Live>>,
+    /// Every queue [`consume`](Self::consume) was asked to consume, and
+    /// whether its consumer runs right now (readiness waits for all of them).
+    consumers: std::sync::Mutex<HashMap<String, bool>>,
 }
 
 impl Broker {
@@ -80,12 +84,41 @@ impl Broker {
             queue_type,
             durable_queues: durable_queues.iter().map(|q| q.to_string()).collect(),
             live: Mutex::new(None),
+            consumers: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
-    /// True while the connection is up (readiness). Tries to connect when it is not.
+    /// True while the connection is up and every consumer runs (readiness).
+    /// Tries to connect when it is not. A consumer counts because an instance
+    /// that can publish but not yet hear (its private reply queue is declared
+    /// by its consumer; replies sent before it exists are lost) would time out
+    /// every checkout it takes, and a participant that cannot consume does no
+    /// work.
     pub async fn is_ready(&self) -> bool {
-        self.publisher().await.is_ok()
+        self.publisher().await.is_ok() && self.consuming()
+    }
+
+    /// True when every consumer asked for runs.
+    fn consuming(&self) -> bool {
+        self.consumers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .all(|running| *running)
+    }
+
+    /// Declares that `queue` will be consumed: readiness waits for it from
+    /// now on. Call it before spawning [`consume`](Self::consume), whose
+    /// first poll may come after the first readiness probe.
+    pub fn expect_consumer(&self, queue: &str) {
+        self.set_consuming(queue, false);
+    }
+
+    fn set_consuming(&self, queue: &str, running: bool) {
+        self.consumers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(queue.to_string(), running);
     }
 
     /// The shared confirm-mode channel, connecting first when needed.
@@ -223,10 +256,12 @@ impl Broker {
     {
         let handler = Arc::new(handler);
         let mut backoff = Duration::from_millis(200);
+        self.set_consuming(&queue, false);
         loop {
             match self.open_consumer(&queue, kind, prefetch).await {
                 Ok(mut consumer) => {
                     backoff = Duration::from_millis(200);
+                    self.set_consuming(&queue, true);
                     tracing::info!(queue, "consuming");
                     while let Some(delivery) = consumer.next().await {
                         match delivery {
@@ -243,6 +278,7 @@ impl Broker {
                             }
                         }
                     }
+                    self.set_consuming(&queue, false);
                 }
                 Err(e) => tracing::warn!(queue, error = %e, "cannot consume yet"),
             }

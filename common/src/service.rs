@@ -63,6 +63,7 @@ pub fn build_participant<L: crate::participant::Ledger>(
     let store = Arc::new(Store::new(&settings.redis, settings.wait_timeout)?);
     let ledger = Arc::new(ledger(store.clone()));
     let broker = Broker::new(&settings.amqp_url, settings.queue_type, &[command_queue]);
+    broker.expect_consumer(command_queue);
     tokio::spawn(crate::participant::serve_commands(
         broker.clone(),
         command_queue.to_string(),

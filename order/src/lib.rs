@@ -48,6 +48,7 @@ pub fn build(
     );
     let replies = Arc::new(Replies::default());
     let reply_queue = format!("order.replies.{}", settings.instance_id);
+    broker.expect_consumer(&reply_queue);
     tokio::spawn({
         let replies = replies.clone();
         broker.clone().consume(

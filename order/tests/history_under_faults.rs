@@ -31,7 +31,10 @@ use common::config::{OrderSettings, QueueType, Service, Settings, StepOrder};
 use common::redis_store::RedisTarget;
 use xtask::faultproxy::Mode;
 use xtask::gateway;
-use xtask::{free_port, proc, FaultProxy, RabbitNode, RedisServer, ScratchDir};
+use xtask::{free_port, proc, FaultProxy, RedisServer, ScratchDir};
+
+mod support;
+use support::{amqp_port, amqp_via, test_broker};
 
 const INSTANCES: usize = 2;
 
@@ -56,13 +59,6 @@ fn repo_root() -> PathBuf {
         .parent()
         .expect("the order crate sits in the workspace")
         .to_path_buf()
-}
-
-/// `url` with its port replaced: the same broker, reached through a proxy.
-fn via(url: &str, port: u16) -> String {
-    let mut u = reqwest::Url::parse(url).expect("a broker url");
-    u.set_port(Some(port)).expect("the url has a host");
-    u.to_string()
 }
 
 fn port_of(url: &str) -> u16 {
@@ -209,24 +205,9 @@ fn inject(links: &[Links], seed: u64, phase_file: &Path, stop: &AtomicBool) -> I
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn random_history_under_link_faults() {
+    let broker = test_broker("historyfaults@localhost");
+    let amqp = broker.url.clone();
     let dir = ScratchDir::new("history-faults").unwrap();
-    let _node;
-    let amqp = match std::env::var("TEST_AMQP_URL") {
-        Ok(url) => url,
-        Err(_) => {
-            let node = RabbitNode::start(
-                dir.path().join("rabbit"),
-                "historyfaults@localhost",
-                free_port(),
-                free_port(),
-            )
-            .expect("start a private RabbitMQ node (or set TEST_AMQP_URL)");
-            let url = node.amqp_url();
-            _node = node;
-            url
-        }
-    };
-    let amqp_port = port_of(&amqp.replacen("amqp://", "http://", 1));
     let redis = RedisServer::start(dir.path().join("redis"), free_port(), None, None).unwrap();
 
     let tag = uuid::Uuid::new_v4().simple().to_string();
@@ -241,9 +222,9 @@ async fn random_history_under_link_faults() {
             let l = Links {
                 name: format!("{}-{n}", service.name()),
                 redis: FaultProxy::start(redis.port()).unwrap(),
-                broker: FaultProxy::start(amqp_port).unwrap(),
+                broker: FaultProxy::start(amqp_port(&amqp)).unwrap(),
             };
-            let broker_url = via(&amqp, l.broker.port());
+            let broker_url = amqp_via(&amqp, l.broker.port());
             let url = match service {
                 Service::Stock => {
                     let s = settings(service, &l, l.redis.port(), 1, &broker_url);

@@ -339,6 +339,32 @@ async fn batch_init_under_a_checkout_leaves_nothing_taken(amqp: &str) {
     assert_eq!(f.credit_of("0").await, 98);
 }
 
+/// "Already paid" is an answer like any other: recorded under the request's
+/// key, so a repeat hears it again after batch_init made the order unpaid.
+/// (Found by the 10-minute history: the repeat ran a new checkout of the new
+/// order and charged for it.)
+async fn an_already_paid_answer_is_recorded_under_its_key(amqp: &str) {
+    let f = fleet(amqp).await;
+    f.post_ok(&format!("{}/batch_init/2/100/1", f.stock)).await;
+    f.post_ok(&format!("{}/batch_init/1/100", f.payment)).await;
+    f.post_ok(&format!("{}/batch_init/1/2/1/1", f.order)).await;
+    assert_eq!(f.checkout("0").await, 200);
+    let url = format!("{}/checkout/0", f.order);
+    let (status, first) = f.post_with_key(&url, "already-paid").await;
+    assert_eq!(status, 200, "{first}");
+    f.post_ok(&format!("{}/batch_init/1/2/1/1", f.order)).await;
+    assert!(!f.paid("0").await, "batch_init made the order unpaid");
+    let (status, again) = f.post_with_key(&url, "already-paid").await;
+    assert_eq!((status, &again), (200, &first), "the repeat answered anew");
+    assert!(!f.paid("0").await, "the repeat checked the new order out");
+    assert_eq!(
+        f.credit_of("0").await,
+        98,
+        "charged once, for the first order"
+    );
+    assert_eq!(f.stock_of("0").await + f.stock_of("1").await, 198);
+}
+
 /// The same Idempotency-Key twice returns the first answer, even when the
 /// world changed in between; another key is a new request.
 async fn a_checkout_repeated_with_its_key_returns_the_first_answer(amqp: &str) {
@@ -525,6 +551,8 @@ async fn saga_scenarios() {
     a_legal_add_can_never_make_an_undo_impossible(&broker.url).await;
     println!("scenario: batch_init_under_a_checkout_leaves_nothing_taken");
     batch_init_under_a_checkout_leaves_nothing_taken(&broker.url).await;
+    println!("scenario: an_already_paid_answer_is_recorded_under_its_key");
+    an_already_paid_answer_is_recorded_under_its_key(&broker.url).await;
     println!("scenario: a_checkout_repeated_with_its_key_returns_the_first_answer");
     a_checkout_repeated_with_its_key_returns_the_first_answer(&broker.url).await;
     println!("scenario: a_saga_whose_owner_died_is_recovered");

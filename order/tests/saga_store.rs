@@ -1,0 +1,72 @@
+//! The saga log against a real redis-server: what must hold however many
+//! instances drive one saga.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::error::ApiError;
+use common::idempotency::Answer;
+use common::messages::Line;
+use common::redis_store::{RedisTarget, Store};
+use common::types::{Amount, ItemId, OrderId, SagaId, UserId};
+use order::saga_store::{Begin, SagaRecord, SagaStore};
+use xtask::{free_port, RedisServer, ScratchDir};
+
+fn record(idem_key: &str) -> SagaRecord {
+    SagaRecord {
+        id: SagaId::new(),
+        order_id: OrderId::parse("o-1").unwrap(),
+        user_id: UserId::parse("u-1").unwrap(),
+        lines: vec![Line {
+            item_id: ItemId::parse("i-1").unwrap(),
+            quantity: Amount::new(1).unwrap(),
+        }],
+        total: Amount::new(5).unwrap(),
+        idem: Some((idem_key.to_string(), 600)),
+    }
+}
+
+/// Two drivers of one saga (the owner was slow and recovery took over) both
+/// finish it, each with its own reason: the first answer recorded stands, in
+/// the saga record and under the checkout's key, and the second finish
+/// returns it instead of its own, so every client hears the same answer.
+#[tokio::test]
+async fn the_first_answer_of_a_saga_stands() {
+    let dir = ScratchDir::new("saga-store-test").unwrap();
+    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let store = Store::new(
+        &RedisTarget::Direct { url: redis.url() },
+        Duration::from_millis(10),
+    )
+    .unwrap();
+    let sagas = SagaStore::new(Arc::new(store));
+    let idem_key = "idem:/checkout/o-1:first-answer";
+    let saga = record(idem_key);
+    let begun = sagas
+        .begin(&saga, "instance-a", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        matches!(begun, Begin::Started),
+        "begin did not start the saga"
+    );
+
+    let refused = |why: &str| Answer::refusal(&ApiError::BadRequest(why.into()));
+    let first = refused("checkout refused: payment did not answer in time");
+    let second = refused("checkout refused: recovered after its owner stopped");
+    let stood = sagas.finish(&saga, Some(&first), "first").await.unwrap();
+    assert_eq!(stood, Some(first.clone()));
+    let stood = sagas.finish(&saga, Some(&second), "second").await.unwrap();
+    assert_eq!(
+        stood,
+        Some(first.clone()),
+        "a second finish replaced the answer"
+    );
+
+    let recorded = redis.command(&["GET", idem_key]).unwrap();
+    assert_eq!(
+        recorded.as_text(),
+        Some(first.encode()),
+        "the checkout's key holds the first answer"
+    );
+}
