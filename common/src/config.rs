@@ -100,7 +100,7 @@ pub const ENV_VARS: &[EnvVar] = &[
         default: Some("500"),
         required: false,
         services: Service::ALL,
-        help: "how long an acknowledged write waits for one replica (WAIT 1 <ms>)",
+        help: "how long a write waits for a replica to confirm it (WAIT 1 <ms>) before it counts as not confirmed (retried, then 503); Sentinel stores only",
     },
     EnvVar {
         name: "SAGA_REDIS_MASTER_NAME",

@@ -2,7 +2,8 @@
 //!
 //! A client mistake is a 4xx with nothing written; a 5xx is only ever the
 //! system's own failure (a store or the broker unreachable past the retry
-//! budget). Every error body is `{"error": "<reason>"}`.
+//! budget, or a write no replica confirmed). Every error body is
+//! `{"error": "<reason>"}`.
 
 use axum::http::header::RETRY_AFTER;
 use axum::http::StatusCode;
@@ -36,6 +37,8 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Store(StoreError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            // Not acknowledged: it may have happened; the retry with the same key is safe.
+            ApiError::Store(StoreError::NotDurable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -70,6 +73,18 @@ mod tests {
             ApiError::Store(StoreError::Unavailable("x".into())).status(),
             503
         );
+        assert_eq!(
+            ApiError::Store(StoreError::NotDurable("x".into())).status(),
+            503
+        );
+        assert_eq!(ApiError::Store(StoreError::corrupt("k", "x")).status(), 500);
+    }
+
+    #[test]
+    fn a_write_no_replica_confirmed_is_a_503_with_retry_after() {
+        let response = ApiError::Store(StoreError::NotDurable("x".into())).into_response();
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()[RETRY_AFTER], "1");
     }
 
     #[test]

@@ -24,7 +24,9 @@
 //! refusal (not enough stock, unknown id, an order under checkout), so a
 //! repeat gets exactly the first answer whatever happened since. Bad input is
 //! refused before any store is touched, and a 503 means the outcome is not
-//! known yet: neither is recorded.
+//! known yet: neither is recorded. (A 503 for a write no replica confirmed
+//! may leave its answer recorded on the master; the retry returns that answer
+//! once a replica has it too.)
 
 use std::future::Future;
 use std::time::Duration;
@@ -185,10 +187,15 @@ fn decode_recorded(idem_key: &str, raw: Option<String>) -> Result<Option<Answer>
     .transpose()
 }
 
-/// The first answer recorded under `idem`, if the request already ran.
+/// The first answer recorded under `idem`, if the request already ran. A
+/// recorded answer is confirmed on a replica before it is returned: the first
+/// run may have failed for want of one (a 503), and its replay must not
+/// acknowledge what only the master holds.
 pub async fn recorded(store: &Store, idem: &IdemKey) -> Result<Option<Answer>, StoreError> {
     let idem_key = idem.redis_key();
-    let raw: Option<String> = store.query(redis::cmd("GET").arg(&idem_key)).await?;
+    let raw: Option<String> = store
+        .query_confirmed(redis::cmd("GET").arg(&idem_key), Option::is_some)
+        .await?;
     decode_recorded(&idem_key, raw)
 }
 
@@ -196,7 +203,9 @@ pub async fn recorded(store: &Store, idem: &IdemKey) -> Result<Option<Answer>, S
 /// gets the recorded answer; otherwise `decide` reads the watched keys and
 /// returns the writes and the answer, and the answer is recorded in the same
 /// MULTI/EXEC as the writes. A retry after an EXEC whose reply was lost finds
-/// the record, so nothing applies twice.
+/// the record, so nothing applies twice. Either way the answer is returned
+/// only once a replica has it (a replay too: see [`Tx::Abort`]); otherwise the
+/// call fails with [`StoreError::NotDurable`] and the client's retry is safe.
 pub async fn transact_once<F, Fut>(
     store: &Store,
     idem: &IdemKey,

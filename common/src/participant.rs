@@ -10,8 +10,11 @@
 //! (that puts it straight back at the head of the queue: a spin). Instead a
 //! copy with an attempt count (`x-attempts`) is published to the back of the
 //! queue after a backoff, and the original is acked; nothing waits behind it.
-//! An outage of the store (retrying cures it) is retried like that without
-//! end. Any other failure (a corrupt value, a command Redis refuses) is
+//! An outage of the store, or a write no replica confirmed
+//! ([`StoreError::NotDurable`]: the outcome is recorded on the master only, if
+//! at all), is retried like that without end: the command is not answered
+//! until its outcome is on two nodes, and the dedupe record makes the retry
+//! find (and confirm) the first outcome. Any other failure (a corrupt value, a command Redis refuses) is
 //! retried [`PERMANENT_ATTEMPTS`] times, then the failing commands go to the
 //! dead-letter queue with their reason and the orchestrator is told
 //! [`Outcome::Failed`]. A message that cannot be decoded is rejected to the
@@ -73,7 +76,8 @@ async fn handle<L: Ledger>(broker: Arc<Broker>, ledger: Arc<L>, delivery: Delive
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(e) => {
-                let curable = matches!(e, StoreError::Unavailable(_));
+                // Retrying cures these: never dead-lettered, never answered yet.
+                let curable = matches!(e, StoreError::Unavailable(_) | StoreError::NotDurable(_));
                 if curable || attempts < PERMANENT_ATTEMPTS {
                     tracing::warn!(error = %e, saga = %command.saga_id, attempts, "command not applied; will try again");
                     retry_later(&broker, delivery, attempts).await;

@@ -10,28 +10,49 @@
 //! yet) is thrown away instead of going back to the pool, so the retry resolves
 //! the master again.
 //!
-//! Every write that will be acknowledged to a client is followed by `WAIT 1`,
-//! so a failover cannot drop it. When no replica answers, the write goes on
-//! (availability first), a warning is logged and
-//! `redis_wait_without_replica_total` counts it; further writes skip the wait
-//! for a second so that a lone master does not slow every request down.
+//! Acknowledged means on two nodes. A store reached through Sentinel
+//! ([`RedisTarget::Sentinel`]) is a master and two replicas, and whatever this
+//! module returns may be acknowledged (an HTTP 2xx, a message ack, a saga
+//! decision), so it must survive the master's death:
+//! - after writes, `WAIT 1 <REDIS_WAIT_TIMEOUT_MS>` must report a replica that
+//!   has them;
+//! - a transaction that wrote nothing ([`Tx::Abort`]: a replayed answer, a
+//!   recorded outcome, "already done") returns what it read, and that may be a
+//!   write whose own WAIT failed (its caller got a 503). So a marker write
+//!   (`durability:mark`) on the same connection, then `WAIT`, confirms that a
+//!   replica has everything the master held when it was read.
+//!   [`Store::query_confirmed`] and [`Store::run_confirmed`] do the same for
+//!   plain reads whose result will be acknowledged.
+//!
+//! When no replica confirms in time, or the master refuses the write with
+//! `NOREPLICAS` (it has no replica connected: `min-replicas-to-write 1`), the
+//! operation is retried like any transient failure (the retry finds the
+//! recorded answer and confirms it again), and once the retry budget is spent
+//! it fails with [`StoreError::NotDurable`]: an HTTP 503 with `Retry-After`, a
+//! command that is not acked but retried. The write may have happened; its
+//! idempotency key or dedupe record makes the retry safe. Each such event
+//! counts in `redis_not_durable_total{reason="wait"|"noreplicas"}` and logs a
+//! warning. There is no "carry on without a replica".
+//!
+//! A [`RedisTarget::Direct`] store is a single node for development and tests:
+//! WAIT is skipped entirely, and nothing it acknowledges survives the loss of
+//! that node.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use deadpool_redis::{sentinel, Runtime};
 use redis::aio::ConnectionLike;
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
-use crate::now_ms;
-
 /// How one store is reached.
 #[derive(Debug, Clone)]
 pub enum RedisTarget {
-    /// A single Redis at a fixed URL (development, tests).
+    /// A single Redis at a fixed URL (development, tests). Not replicated: writes are
+    /// acknowledged without WAIT, and do not survive the loss of the node.
     Direct { url: String },
-    /// A master found through the Sentinels.
+    /// A master found through the Sentinels, with replicas: every acknowledged write is
+    /// confirmed on a replica (WAIT).
     Sentinel {
         sentinels: Vec<String>,
         master_name: String,
@@ -63,6 +84,12 @@ pub enum StoreError {
     /// The master could not be reached within the retry budget (failover, outage).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// No replica confirmed the write (or what was read) within the retry budget, or the
+    /// master refused it for want of a replica (`NOREPLICAS`). It is not acknowledged: it may
+    /// or may not have happened on the master, and a retry under the same idempotency key (or
+    /// the redelivery of the same command) is safe and returns the first answer.
+    #[error("not confirmed on a replica, outcome unknown (retry with the same key): {0}")]
+    NotDurable(String),
     /// Redis refused a command for a reason retrying does not fix.
     #[error("redis error: {0}")]
     Redis(RedisError),
@@ -92,6 +119,14 @@ pub enum Conn {
 }
 
 impl Conn {
+    /// How long the client waits for the next reply on this connection.
+    fn set_reply_timeout(&mut self, timeout: Duration) {
+        match self {
+            Conn::Direct(c) => c.set_response_timeout(timeout),
+            Conn::Sentinel(c) => c.set_response_timeout(timeout),
+        }
+    }
+
     /// Drops the connection for good instead of returning it to the pool.
     fn discard(self) {
         match self {
@@ -131,9 +166,11 @@ impl ConnectionLike for Conn {
 
 /// What the body of a [`Store::transact`] decided after reading the watched keys.
 pub enum Tx<T> {
-    /// Apply these writes atomically (they are sent inside MULTI/EXEC), then return the value.
+    /// Apply these writes atomically (they are sent inside MULTI/EXEC), confirm them on a
+    /// replica, then return the value.
     Commit(Pipeline, T),
-    /// Write nothing and return the value (a refusal, or nothing to do).
+    /// Write nothing and return the value (a replayed answer, a refusal, nothing to do). What
+    /// was read is confirmed on a replica first, since the value may acknowledge it.
     Abort(T),
 }
 
@@ -142,18 +179,29 @@ pub struct Store {
     pool: Pool,
     target: RedisTarget,
     wait_timeout: Duration,
-    /// How long an operation keeps retrying through connection errors (a failover takes ~2-3 s).
+    /// How long an operation keeps retrying through connection errors (a failover takes ~2-3 s)
+    /// and writes no replica confirmed.
     retry_budget: Duration,
-    /// Until this instant (ms since the epoch) writes skip WAIT: no replica answered recently.
-    skip_wait_until_ms: AtomicU64,
 }
+
+/// Written (with a short expiry) to confirm a read: see the module comment.
+const MARK_KEY: &str = "durability:mark";
+const MARK_TTL_MS: u64 = 60_000;
 
 /// Records written per pipeline by [`Store::write_batch`] (`batch_init` of 100k: 100 round trips).
 pub const BATCH_CHUNK: i64 = 1000;
+/// How long an operation retries by default: a failover takes ~2-3 s.
+pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(15);
 /// Connections per store and process: enough for every in-flight transaction.
 const POOL_SIZE: usize = 64;
 /// A single command that takes longer than this is treated as a broken connection.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the client waits for a reply: redis-rs' default, which every pooled connection
+/// has, and which a request ending in WAIT gets back once WAIT has answered.
+const REPLY_TIMEOUT: Duration = Duration::from_millis(500);
+/// A WAIT's reply may take its timeout plus this: Redis, not the client, must be the one
+/// that gives up on the replicas (WAIT 1 500 under a 500 ms reply timeout raced it).
+const WAIT_REPLY_MARGIN: Duration = Duration::from_millis(1000);
 
 impl Store {
     /// Builds the pool. Connecting is lazy: nothing is contacted yet.
@@ -214,13 +262,26 @@ impl Store {
             pool,
             target: target.clone(),
             wait_timeout,
-            retry_budget: Duration::from_secs(15),
-            skip_wait_until_ms: AtomicU64::new(0),
+            retry_budget: DEFAULT_RETRY_BUDGET,
         })
+    }
+
+    /// Changes how long an operation keeps retrying before it fails with
+    /// [`StoreError::Unavailable`] or [`StoreError::NotDurable`] (default
+    /// [`DEFAULT_RETRY_BUDGET`]). An operation fails at most one try (bounded by
+    /// the command timeout, a few seconds) after its budget is spent.
+    pub fn with_retry_budget(mut self, budget: Duration) -> Self {
+        self.retry_budget = budget;
+        self
     }
 
     pub fn target(&self) -> &RedisTarget {
         &self.target
+    }
+
+    /// True for a Sentinel-managed (replicated) store, where acknowledged writes need WAIT.
+    pub fn replicated(&self) -> bool {
+        matches!(self.target, RedisTarget::Sentinel { .. })
     }
 
     async fn connection(&self) -> Result<Conn, String> {
@@ -256,17 +317,84 @@ impl Store {
     /// `op` owns the connection while it runs and hands it back with its
     /// result (a future borrowing it would not be provably `Send`). `op` must
     /// be safe to run again: every caller here is idempotent or guarded by WATCH.
+    /// Nothing is confirmed on a replica: for reads that need no confirmation and
+    /// writes nobody is told about (leases); see [`Store::run_confirmed`].
     pub async fn run<T, F, Fut>(&self, mut op: F) -> Result<T, StoreError>
     where
         F: FnMut(Conn) -> Fut,
         Fut: Future<Output = (Conn, Result<T, RedisError>)>,
+    {
+        self.run_checked(|conn| {
+            let ran = op(conn);
+            async move {
+                let (conn, result) = ran.await;
+                (conn, result.map_err(StoreError::Redis))
+            }
+        })
+        .await
+    }
+
+    /// As [`Store::run`], for a read whose result may be acknowledged (a
+    /// recorded answer replayed, a paid order): when `acknowledged(&value)`,
+    /// what was read is confirmed on a replica on the same connection before it
+    /// is returned, as if it had just been written.
+    pub async fn run_confirmed<T, F, Fut>(
+        &self,
+        acknowledged: impl Fn(&T) -> bool,
+        mut op: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut(Conn) -> Fut,
+        Fut: Future<Output = (Conn, Result<T, RedisError>)>,
+    {
+        let acknowledged = &acknowledged;
+        self.run_checked(|conn| {
+            let ran = op(conn);
+            async move {
+                let (mut conn, result) = ran.await;
+                let value = match result {
+                    Ok(value) => value,
+                    Err(e) => return (conn, Err(StoreError::Redis(e))),
+                };
+                if acknowledged(&value) {
+                    if let Err(e) = self.confirm_read(&mut conn).await {
+                        return (conn, Err(e));
+                    }
+                }
+                (conn, Ok(value))
+            }
+        })
+        .await
+    }
+
+    /// Sends `cmd` and returns its typed reply as [`Store::run_confirmed`] does:
+    /// confirmed on a replica first when `acknowledged(&reply)`.
+    pub async fn query_confirmed<T: redis::FromRedisValue>(
+        &self,
+        cmd: &Cmd,
+        acknowledged: impl Fn(&T) -> bool,
+    ) -> Result<T, StoreError> {
+        self.run_confirmed(acknowledged, |mut conn| async move {
+            let result = cmd.query_async::<T>(&mut conn).await;
+            (conn, result)
+        })
+        .await
+    }
+
+    /// The retry loop of [`Store::run`] and friends: `op`'s transient failures
+    /// (connection, failover, no replica confirmed) are tried again until the
+    /// budget is spent.
+    async fn run_checked<T, F, Fut>(&self, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut(Conn) -> Fut,
+        Fut: Future<Output = (Conn, Result<T, StoreError>)>,
     {
         let mut retry = self.retry();
         loop {
             let conn = match self.connection().await {
                 Ok(conn) => conn,
                 Err(e) => {
-                    retry.after(e).await?;
+                    retry.after(Transient::Unavailable(e)).await?;
                     continue;
                 }
             };
@@ -275,20 +403,22 @@ impl Store {
                 Ok((conn, Err(e))) => {
                     // The connection may hold a WATCH or half a reply: do not reuse it.
                     conn.discard();
-                    if !is_retryable(&e) {
-                        return Err(StoreError::Redis(e));
-                    }
-                    retry.after(e.to_string()).await?;
+                    retry.after(self.transient(e)?).await?;
                 }
                 // The timed-out future owned the connection; dropping it closed it.
-                Err(_) => retry.after("command timed out".into()).await?,
+                Err(_) => {
+                    retry
+                        .after(Transient::Unavailable("command timed out".into()))
+                        .await?
+                }
             }
         }
     }
 
     /// An optimistic transaction: `WATCH keys`, let `body` read and decide,
     /// then `MULTI`/`EXEC` its writes; a concurrent writer makes EXEC return nil
-    /// and the whole thing runs again. Committed writes are WAITed for.
+    /// and the whole thing runs again. Committed writes are confirmed on a
+    /// replica (WAIT), and so is what an aborted one read.
     ///
     /// `body` gets the watched connection by value and gives it back with its decision.
     pub async fn transact<T, F, Fut>(&self, keys: &[String], mut body: F) -> Result<T, StoreError>
@@ -301,7 +431,7 @@ impl Store {
             let conn = match self.connection().await {
                 Ok(conn) => conn,
                 Err(e) => {
-                    retry.after(e).await?;
+                    retry.after(Transient::Unavailable(e)).await?;
                     continue;
                 }
             };
@@ -312,11 +442,12 @@ impl Store {
                     metrics::counter!("redis_watch_conflicts_total").increment(1);
                     tokio::task::yield_now().await;
                 }
-                Ok(Err(StoreError::Redis(e))) if is_retryable(&e) => {
-                    retry.after(e.to_string()).await?
+                Ok(Err(e)) => retry.after(self.transient(e)?).await?,
+                Err(_) => {
+                    retry
+                        .after(Transient::Unavailable("transaction timed out".into()))
+                        .await?
                 }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => retry.after("transaction timed out".into()).await?,
             }
         }
     }
@@ -343,57 +474,59 @@ impl Store {
             }
         }
         let (mut conn, decision) = body(conn).await;
-        let result = async {
+        let outcome = async {
             match decision {
                 Err(e) => {
-                    redis::cmd("UNWATCH").query_async::<()>(&mut conn).await?;
-                    Ok(Err(e))
+                    redis::cmd("UNWATCH")
+                        .query_async::<()>(&mut conn)
+                        .await
+                        .map_err(StoreError::Redis)?;
+                    Err(e)
                 }
                 Ok(Tx::Abort(value)) => {
-                    redis::cmd("UNWATCH").query_async::<()>(&mut conn).await?;
-                    Ok(Ok(Some(value)))
+                    // Nothing written, but the value may acknowledge what was read.
+                    self.confirm_read(&mut conn).await?;
+                    Ok(Some(value))
                 }
                 Ok(Tx::Commit(mut writes, value)) => {
-                    let done: Option<Value> = writes.atomic().query_async(&mut conn).await?;
+                    let done: Option<Value> = writes
+                        .atomic()
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(StoreError::Redis)?;
                     if done.is_none() {
-                        return Ok(Ok(None));
+                        return Ok(None);
                     }
-                    self.wait_for_replica(&mut conn).await;
-                    Ok(Ok(Some(value)))
+                    self.wait_for_replica(&mut conn).await?;
+                    Ok(Some(value))
                 }
             }
         }
         .await;
-        match result {
-            Ok(outcome) => {
-                if outcome.is_err() {
-                    conn.discard();
-                }
-                outcome
-            }
-            Err(e) => {
-                conn.discard();
-                Err(StoreError::Redis(e))
-            }
+        if outcome.is_err() {
+            conn.discard();
         }
+        outcome
     }
 
     /// Writes that need no read first (creation, batch loads): sent as one
-    /// atomic pipeline, retried through failovers, then WAITed for.
+    /// atomic pipeline, retried through failovers, then confirmed on a replica
+    /// (the retry after an unconfirmed write sends it again: callers' writes
+    /// are idempotent).
     pub async fn write(&self, writes: &Pipeline) -> Result<(), StoreError> {
-        self.run(|mut conn| async move {
+        self.run_checked(|mut conn| async move {
             let mut atomic = writes.clone();
-            let result = atomic.atomic().query_async::<()>(&mut conn).await;
-            if result.is_ok() {
-                self.wait_for_replica(&mut conn).await;
-            }
+            let result = match atomic.atomic().query_async::<()>(&mut conn).await {
+                Ok(()) => self.wait_for_replica(&mut conn).await,
+                Err(e) => Err(StoreError::Redis(e)),
+            };
             (conn, result)
         })
         .await
     }
 
     /// Writes `n` records in pipelines of [`BATCH_CHUNK`]; `fill` adds record `i`'s writes.
-    /// Each chunk is atomic and WAITed for; a failure stops at the chunk that failed.
+    /// Each chunk is atomic and confirmed on a replica; a failure stops at the chunk that failed.
     pub async fn write_batch(
         &self,
         n: i64,
@@ -412,7 +545,8 @@ impl Store {
         Ok(())
     }
 
-    /// Sends `cmd` and returns its typed reply, retried through failovers (reads, idempotent writes).
+    /// Sends `cmd` and returns its typed reply, retried through failovers (reads, idempotent
+    /// writes). Nothing is confirmed on a replica: see [`Store::query_confirmed`].
     pub async fn query<T: redis::FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
         self.run(|mut conn| async move {
             let result = cmd.query_async::<T>(&mut conn).await;
@@ -421,24 +555,98 @@ impl Store {
         .await
     }
 
-    /// `WAIT 1 <timeout>` after an acknowledged write; see the module comment.
-    pub async fn wait_for_replica(&self, conn: &mut Conn) {
-        let now = now_ms();
-        if now < self.skip_wait_until_ms.load(Ordering::Relaxed) {
-            metrics::counter!("redis_wait_without_replica_total").increment(1);
-            return;
+    /// `WAIT 1 <timeout>` after writes on `conn`: Ok once a replica has them
+    /// (at once on a [`RedisTarget::Direct`] store); see the module comment.
+    async fn wait_for_replica(&self, conn: &mut Conn) -> Result<(), StoreError> {
+        if !self.replicated() {
+            return Ok(());
         }
-        let acked: Result<i64, _> = redis::cmd("WAIT")
+        conn.set_reply_timeout(self.wait_timeout + WAIT_REPLY_MARGIN);
+        let acked: i64 = redis::cmd("WAIT")
             .arg(1)
-            .arg(self.wait_timeout.as_millis() as u64)
+            .arg(self.wait_ms())
             .query_async(conn)
-            .await;
-        if !matches!(acked, Ok(n) if n >= 1) {
-            metrics::counter!("redis_wait_without_replica_total").increment(1);
-            tracing::warn!(store = %self.target, "no replica acknowledged a write; continuing without one for 1 s");
-            self.skip_wait_until_ms.store(now + 1000, Ordering::Relaxed);
+            .await
+            .map_err(StoreError::Redis)?;
+        conn.set_reply_timeout(REPLY_TIMEOUT);
+        self.replica_confirmed(acked)
+    }
+
+    /// Ends any WATCH on `conn`, and on a replicated store makes sure a replica
+    /// holds everything the master held when `conn` read: a marker write puts
+    /// this connection's replication offset past all of it, and WAIT waits for
+    /// that offset. One round trip.
+    async fn confirm_read(&self, conn: &mut Conn) -> Result<(), StoreError> {
+        let mut commands = redis::pipe();
+        commands.cmd("UNWATCH").ignore();
+        if !self.replicated() {
+            return commands
+                .query_async::<()>(conn)
+                .await
+                .map_err(StoreError::Redis);
+        }
+        commands
+            .cmd("SET")
+            .arg(MARK_KEY)
+            .arg(1)
+            .arg("PX")
+            .arg(MARK_TTL_MS)
+            .ignore()
+            .cmd("WAIT")
+            .arg(1)
+            .arg(self.wait_ms());
+        conn.set_reply_timeout(self.wait_timeout + WAIT_REPLY_MARGIN);
+        let (acked,): (i64,) = commands
+            .query_async(conn)
+            .await
+            .map_err(StoreError::Redis)?;
+        conn.set_reply_timeout(REPLY_TIMEOUT);
+        self.replica_confirmed(acked)
+    }
+
+    fn wait_ms(&self) -> u64 {
+        self.wait_timeout.as_millis() as u64
+    }
+
+    /// Judges WAIT's answer: the number of replicas that confirmed.
+    fn replica_confirmed(&self, replicas: i64) -> Result<(), StoreError> {
+        if replicas >= 1 {
+            return Ok(());
+        }
+        metrics::counter!("redis_not_durable_total", "reason" => "wait").increment(1);
+        tracing::warn!(
+            store = %self.target,
+            wait_ms = self.wait_ms(),
+            "no replica confirmed a write in time; it is not acknowledged"
+        );
+        Err(StoreError::NotDurable(format!(
+            "no replica confirmed within {} ms",
+            self.wait_ms()
+        )))
+    }
+
+    /// What a failed try means for the retry loop: try again (transient), or
+    /// give up now with the error.
+    fn transient(&self, e: StoreError) -> Result<Transient, StoreError> {
+        match e {
+            StoreError::Redis(e) if is_noreplicas(&e) => {
+                metrics::counter!("redis_not_durable_total", "reason" => "noreplicas").increment(1);
+                tracing::warn!(store = %self.target, "the master refused a write: no replica is connected");
+                Ok(Transient::NotDurable(e.to_string()))
+            }
+            StoreError::Redis(e) if is_retryable(&e) => Ok(Transient::Unavailable(e.to_string())),
+            StoreError::NotDurable(why) => Ok(Transient::NotDurable(why)),
+            other => Err(other),
         }
     }
+}
+
+/// A failure the next try may not meet again.
+enum Transient {
+    /// The master was not reachable, or not the master any more.
+    Unavailable(String),
+    /// No replica confirmed, or the master had none to write with.
+    NotDurable(String),
 }
 
 /// Backoff and budget of one operation's retries through connection failures.
@@ -449,20 +657,40 @@ struct Retry<'a> {
 }
 
 impl Retry<'_> {
-    /// Sleeps before the next try, or gives up once the budget is spent.
-    async fn after(&mut self, error: String) -> Result<(), StoreError> {
+    /// Sleeps before the next try, or gives up once the budget is spent: with
+    /// [`StoreError::NotDurable`] if the last try failed for want of a replica,
+    /// else [`StoreError::Unavailable`].
+    async fn after(&mut self, failure: Transient) -> Result<(), StoreError> {
+        let target = &self.store.target;
         if self.started.elapsed() >= self.store.retry_budget {
-            return Err(StoreError::Unavailable(format!(
-                "{}: {error}",
-                self.store.target
-            )));
+            return Err(match failure {
+                Transient::Unavailable(error) => {
+                    StoreError::Unavailable(format!("{target}: {error}"))
+                }
+                Transient::NotDurable(error) => {
+                    StoreError::NotDurable(format!("{target}: {error}"))
+                }
+            });
         }
         metrics::counter!("redis_retries_total").increment(1);
-        tracing::warn!(store = %self.store.target, %error, "redis operation failed, retrying");
+        if let Transient::Unavailable(error) = &failure {
+            // A missing replica was logged where it was seen.
+            tracing::warn!(store = %target, %error, "redis operation failed, retrying");
+        }
         tokio::time::sleep(self.backoff).await;
         self.backoff = (self.backoff * 2).min(Duration::from_millis(500));
         Ok(())
     }
+}
+
+/// The master refused a write because no replica is connected
+/// (`min-replicas-to-write`); inside MULTI/EXEC it surfaces as `EXECABORT`
+/// naming the refused command.
+fn is_noreplicas(e: &RedisError) -> bool {
+    e.code() == Some("NOREPLICAS")
+        || e.clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, s)| s.code() == "NOREPLICAS"))
 }
 
 /// Errors a retry on a freshly resolved master can cure.

@@ -7,6 +7,12 @@
 # a replica of the new one instead of as a second master. The password is passed on every
 # start, so changing env/redis.env takes effect at the next restart.
 #
+# Also on every start (so volumes made before it get it too): while this node is a master it
+# refuses writes unless a replica is connected and acknowledged within 10 s
+# (min-replicas-to-write 1, min-replicas-max-lag 10; 10 s so that a busy machine does not make
+# a healthy replica count as missing). A replica ignores both until it is promoted. Its
+# replicas' initial sync is not a write, so a master that starts first still lets them attach.
+#
 # Environment: REDIS_PASSWORD (env/redis.env), NODE_HOSTNAME (this node's compose name),
 # REPLICA_OF (the master's compose name; empty or unset for the initial master).
 set -eu
@@ -23,7 +29,6 @@ if [ ! -s "$conf" ]; then
         echo "appendfsync everysec"
         echo "replica-announce-ip ${NODE_HOSTNAME}"
         echo "replica-serve-stale-data yes"
-        echo "min-replicas-to-write 0"
         if [ -n "${REPLICA_OF:-}" ]; then
             echo "replicaof ${REPLICA_OF} 6379"
         fi
@@ -33,4 +38,5 @@ fi
 
 # The image's entrypoint fixes the ownership of /data and drops to the redis user.
 exec docker-entrypoint.sh redis-server "$conf" \
-    --requirepass "$REDIS_PASSWORD" --masterauth "$REDIS_PASSWORD"
+    --requirepass "$REDIS_PASSWORD" --masterauth "$REDIS_PASSWORD" \
+    --min-replicas-to-write 1 --min-replicas-max-lag 10

@@ -13,6 +13,10 @@
 //!
 //! `batch_init` overwriting an order removes the hold as well, so a saga whose
 //! order was reset under it aborts and gives everything back.
+//!
+//! Each of these returns only once a replica has what it decided on (the
+//! store's WAIT, also when nothing had to be written: a repeated commit finds
+//! the order already paid, and that must be on two nodes before anyone is told).
 
 use std::sync::Arc;
 
@@ -180,9 +184,31 @@ impl Orders {
         Ok(())
     }
 
+    /// The order as the master has it now (a read: `GET /find`).
     pub async fn find(&self, id: &OrderId) -> Result<Order, ApiError> {
+        self.get(id, false).await
+    }
+
+    /// As [`Orders::find`], for a checkout: a paid order (which it answers 200)
+    /// is confirmed on a replica first, since the commit that paid it may be
+    /// one whose own confirmation failed.
+    pub async fn find_for_checkout(&self, id: &OrderId) -> Result<Order, ApiError> {
+        self.get(id, true).await
+    }
+
+    async fn get(&self, id: &OrderId, confirm_paid: bool) -> Result<Order, ApiError> {
         let key = key(id);
-        let raw: Option<String> = self.store.query(redis::cmd("GET").arg(&key)).await?;
+        let paid = |raw: &Option<String>| {
+            confirm_paid
+                && raw
+                    .as_deref()
+                    .and_then(|r| serde_json::from_str::<Order>(r).ok())
+                    .is_some_and(|o| o.paid)
+        };
+        let raw: Option<String> = self
+            .store
+            .query_confirmed(redis::cmd("GET").arg(&key), paid)
+            .await?;
         let raw = raw.ok_or_else(|| ApiError::NotFound(format!("order {id} not found")))?;
         Ok(serde_json::from_str(&raw).map_err(|e| StoreError::corrupt(&key, e))?)
     }

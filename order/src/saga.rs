@@ -27,6 +27,14 @@
 //!
 //! Answers tell the truth: 200 only once the order is paid; 400 only once
 //! every compensation is confirmed (nothing stayed taken); otherwise 503.
+//! "Paid" and "decided" mean on two nodes: every write and compare-and-set of
+//! the order and saga stores returns only once a replica has it (the store's
+//! WAIT), and so does a read a checkout answers from (a paid order, a
+//! recorded answer). A decision no replica confirmed
+//! ([`common::redis_store::StoreError::NotDurable`]) is not a decision yet: it
+//! is handled like any decision that could not be recorded, the request
+//! answers 503 and recovery finishes the saga once the lease lapses (fencing
+//! the order finds the decision if it survived).
 //!
 //! Steps run in sequence by default (`SAGA_STEPS`): reserve first, charge
 //! only if the reservation held. On a refusal by stock (most checkouts of a
@@ -178,7 +186,7 @@ impl Orchestrator {
             Recorded::Nothing => {}
         }
         for _ in 0..BEGIN_TRIES {
-            let order = self.orders.find(order_id).await?;
+            let order = self.orders.find_for_checkout(order_id).await?;
             if order.paid {
                 return self.answer_paid(order_id, idem).await;
             }
@@ -365,7 +373,8 @@ impl Orchestrator {
                     .await
             }
             Err(e) => {
-                // Undecided or unlogged: recovery takes it from here once the lease lapses.
+                // Undecided, unlogged, or decided on the master alone (no replica
+                // confirmed it): recovery takes it from here once the lease lapses.
                 tracing::error!(saga = %saga.id, error = %e, "decision not recorded; left to recovery");
                 let _ = answer.send(Err(e));
             }

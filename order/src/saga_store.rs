@@ -119,11 +119,14 @@ impl SagaStore {
         Self { store }
     }
 
-    /// What the checkout's idempotency key has recorded.
+    /// What the checkout's idempotency key has recorded. A final answer is
+    /// confirmed on a replica before it is returned (it is replayed to the client).
     pub async fn recorded(&self, idem: &IdemKey) -> Result<Recorded, StoreError> {
+        let is_answer =
+            |raw: &Option<String>| matches!(parse_recorded(raw.as_deref()), Recorded::Answer(_));
         let raw: Option<String> = self
             .store
-            .query(redis::cmd("GET").arg(idem.redis_key()))
+            .query_confirmed(redis::cmd("GET").arg(idem.redis_key()), is_answer)
             .await?;
         Ok(parse_recorded(raw.as_deref()))
     }
@@ -269,11 +272,16 @@ impl SagaStore {
         Ok(Some((record, state)))
     }
 
-    /// Where a saga stands (a checkout waiting on it polls this).
+    /// Where a saga stands (a checkout waiting on it polls this). A finished
+    /// saga's answer is confirmed on a replica before it is returned (the
+    /// waiting checkout answers with it).
     pub async fn progress(&self, id: SagaId) -> Result<Progress, StoreError> {
-        let (active, answer, attention): (bool, Option<String>, Option<String>) = self
+        type Seen = (bool, Option<String>, Option<String>);
+        let answered =
+            |(active, answer, attention): &Seen| !active && attention.is_none() && answer.is_some();
+        let (active, answer, attention): Seen = self
             .store
-            .run(|mut conn| async move {
+            .run_confirmed(answered, |mut conn| async move {
                 let result = redis::pipe()
                     .sismember(ACTIVE, id.to_string())
                     .hget(saga_key(id), "answer")

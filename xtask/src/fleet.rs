@@ -7,13 +7,17 @@
 
 use std::path::{Path, PathBuf};
 
-/// Redis sets: (store = Sentinel master name, master port, replica port).
-pub const STORES: [(&str, u16, u16); 4] = [
-    ("order", 6400, 6410),
-    ("stock", 6401, 6411),
-    ("payment", 6402, 6412),
-    ("saga", 6403, 6413),
+/// Redis sets: (store = Sentinel master name, ports of its three nodes). The first node starts
+/// as the master, the other two as its replicas: one lost node still leaves a master and a
+/// replica, so writes stay acknowledged (a master refuses writes with no replica connected).
+pub const STORES: [(&str, [u16; NODES_PER_STORE]); 4] = [
+    ("order", [6400, 6410, 6420]),
+    ("stock", [6401, 6411, 6421]),
+    ("payment", [6402, 6412, 6422]),
+    ("saga", [6403, 6413, 6423]),
 ];
+/// A master and two replicas per store.
+pub const NODES_PER_STORE: usize = 3;
 
 /// Three Sentinels shared by all four sets; quorum 2 of 3 survives the loss of one.
 pub const SENTINEL_PORTS: [u16; 3] = [26400, 26401, 26402];
@@ -102,9 +106,14 @@ pub fn service_urls() -> String {
 /// Every port the fleet listens on, with what uses it (for the "already in use" check).
 pub fn all_ports(gateway_port: u16) -> Vec<(u16, String)> {
     let mut ports = Vec::new();
-    for (store, master, replica) in STORES {
-        ports.push((master, format!("{store} Redis master")));
-        ports.push((replica, format!("{store} Redis replica")));
+    for (store, nodes) in STORES {
+        for (i, port) in nodes.into_iter().enumerate() {
+            let role = if i == 0 { "master" } else { "replica" };
+            ports.push((
+                port,
+                format!("{store} Redis {role} ({store}-redis-{})", i + 1),
+            ));
+        }
     }
     for p in SENTINEL_PORTS {
         ports.push((p, "Sentinel".to_string()));
@@ -176,6 +185,22 @@ mod tests {
         for taken in [6379, 5672, 25672, 15672, 4369] {
             assert!(!numbers.contains(&taken), "{taken} belongs to the machine");
         }
+    }
+
+    #[test]
+    fn every_store_is_a_master_and_two_replicas() {
+        let ports = all_ports(DEFAULT_GATEWAY_PORT);
+        for (store, _) in STORES {
+            let nodes: Vec<&String> = ports
+                .iter()
+                .map(|(_, what)| what)
+                .filter(|w| w.starts_with(&format!("{store} Redis ")))
+                .collect();
+            assert_eq!(nodes.len(), 3, "{store}: {nodes:?}");
+            assert_eq!(nodes.iter().filter(|w| w.contains("master")).count(), 1);
+        }
+        assert_eq!(QUORUM, 2);
+        assert_eq!(SENTINEL_PORTS.len(), 3);
     }
 
     #[test]

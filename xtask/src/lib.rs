@@ -14,8 +14,9 @@
 //! use xtask::{free_port, RedisServer, ScratchDir, Sentinel};
 //!
 //! let dir = ScratchDir::new("example").unwrap(); // declared first: dropped (removed) last
-//! let master = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-//! let replica = RedisServer::start(dir.path(), free_port(), Some(master.port()), None).unwrap();
+//! // A node of a replicated set: as a master it refuses writes until a replica is online.
+//! let master = RedisServer::start_in_set(dir.path(), free_port(), None, None).unwrap();
+//! let replica = RedisServer::start_in_set(dir.path(), free_port(), Some(master.port()), None).unwrap();
 //! let sentinel =
 //!     Sentinel::start(dir.path(), free_port(), &[("data", master.port())], 1, 1000, 3000).unwrap();
 //! ```

@@ -9,6 +9,16 @@
 //! - `save ""`: no periodic RDB snapshots competing with the AOF for the disk;
 //! - `repl-diskless-sync-delay 0`: a replica's full sync starts at once instead of after the
 //!   default 5 s wait for more replicas (that wait would delay every start and failover);
+//! - for a node of a replicated set ([`RedisServer::start_in_set`]: the fleet's stores,
+//!   [`crate::SentinelSet`]) `min-replicas-to-write 1` and `min-replicas-max-lag 10`: while it
+//!   is a master it refuses writes (`NOREPLICAS`) unless a replica is connected and has
+//!   acknowledged within 10 s, so a master that lost its replicas cannot take writes only it
+//!   holds. A replica ignores both until Sentinel promotes it. A replica's initial sync is not a
+//!   write, so a master started before its replicas still lets them attach (it refuses writes
+//!   until the first one is online). 10 s, not 1: replicas acknowledge once a second, and a busy
+//!   two-core box must not make a healthy replica count as missing. A single node started with
+//!   [`RedisServer::start`] has neither setting: it serves `RedisTarget::Direct` (development,
+//!   tests), which is not durable against the loss of that node anyway;
 //! - file names carry the port, so several servers may share one directory;
 //! - the config file is absolute and writable, because Sentinel rewrites it on failover
 //!   (`CONFIG REWRITE`), and [`RedisServer::restart`] starts from the rewritten file.
@@ -28,6 +38,12 @@ use crate::resp;
 
 /// How long a fresh redis-server may take to answer PING.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `min-replicas-to-write` of a node in a replicated set: a master needs one replica to write.
+pub const MIN_REPLICAS_TO_WRITE: u32 = 1;
+/// `min-replicas-max-lag` (seconds) of a node in a replicated set: how long a replica may stay
+/// silent before its master stops counting it (replicas acknowledge once a second).
+pub const MIN_REPLICAS_MAX_LAG_SECS: u32 = 10;
 
 /// A redis-server process (data node or Sentinel) started from a config file.
 #[derive(Debug)]
@@ -164,6 +180,22 @@ impl RedisProcess {
         }
     }
 
+    /// SIGSTOP (`stop == true`) or SIGCONT to the process: a stalled, not dead, node.
+    pub(crate) fn pause(&mut self, stop: bool) -> Result<()> {
+        if !self.is_running() {
+            bail!("redis-server on port {} is not running", self.port);
+        }
+        let sig = if stop { libc::SIGSTOP } else { libc::SIGCONT };
+        if !proc::signal(self.pid, sig) {
+            bail!(
+                "cannot signal redis-server {} (port {})",
+                self.pid,
+                self.port
+            );
+        }
+        Ok(())
+    }
+
     /// SIGKILL (to the process group, in case an AOF-rewrite child is running) and reap.
     pub(crate) fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -212,12 +244,14 @@ fn parse_major(version_output: &str) -> Option<u32> {
     v.split('.').next()?.parse().ok()
 }
 
-/// The data-node config lines for `port` (see the module docs for why each is there).
+/// The data-node config lines for `port` (see the module docs for why each is there);
+/// `in_set`: a node of a replicated set, whose master refuses writes without a replica.
 fn data_config(
     port: u16,
     replica_of: Option<u16>,
     password: Option<&str>,
     major_version: u32,
+    in_set: bool,
 ) -> String {
     let mut c = String::new();
     c.push_str("appendonly yes\nappendfsync everysec\n");
@@ -228,6 +262,11 @@ fn data_config(
     }
     c.push_str(&format!("dbfilename dump-{port}.rdb\n"));
     c.push_str("save \"\"\nrepl-diskless-sync-delay 0\n");
+    if in_set {
+        c.push_str(&format!(
+            "min-replicas-to-write {MIN_REPLICAS_TO_WRITE}\nmin-replicas-max-lag {MIN_REPLICAS_MAX_LAG_SECS}\n"
+        ));
+    }
     if let Some(master) = replica_of {
         c.push_str(&format!("replicaof 127.0.0.1 {master}\n"));
     }
@@ -248,15 +287,42 @@ impl RedisServer {
     /// Starts redis-server on 127.0.0.1:`port` with AOF on, files in `dir` (created if missing;
     /// may be shared with other servers), as a replica of 127.0.0.1:`replica_of` when given,
     /// with `requirepass`/`masterauth` when `password` is given. Returns once it answers PING.
+    ///
+    /// A master started this way takes writes with no replica at all: right for a single node
+    /// (`RedisTarget::Direct`). Nodes of a replicated set use [`RedisServer::start_in_set`].
     pub fn start(
         dir: impl AsRef<Path>,
         port: u16,
         replica_of: Option<u16>,
         password: Option<&str>,
     ) -> Result<Self> {
-        let config = data_config(port, replica_of, password, redis_major_version());
+        Self::start_with(dir.as_ref(), port, replica_of, password, false)
+    }
+
+    /// As [`RedisServer::start`], for a node of a replicated set (a Sentinel-managed master and
+    /// its replicas): while it is a master it refuses writes (`NOREPLICAS`) unless at least
+    /// [`MIN_REPLICAS_TO_WRITE`] replica acknowledged within [`MIN_REPLICAS_MAX_LAG_SECS`]. Start
+    /// the master first, then its replicas: their sync is accepted, writes are refused until
+    /// one is online.
+    pub fn start_in_set(
+        dir: impl AsRef<Path>,
+        port: u16,
+        replica_of: Option<u16>,
+        password: Option<&str>,
+    ) -> Result<Self> {
+        Self::start_with(dir.as_ref(), port, replica_of, password, true)
+    }
+
+    fn start_with(
+        dir: &Path,
+        port: u16,
+        replica_of: Option<u16>,
+        password: Option<&str>,
+        in_set: bool,
+    ) -> Result<Self> {
+        let config = data_config(port, replica_of, password, redis_major_version(), in_set);
         let inner = RedisProcess::start(
-            dir.as_ref(),
+            dir,
             port,
             &format!("redis-{port}"),
             &config,
@@ -307,6 +373,17 @@ impl RedisServer {
         self.inner.kill9();
     }
 
+    /// SIGSTOP: the process stays, with its connections open, but answers nothing (a stalled
+    /// node, or a replica that lags without end) until [`Self::resume`].
+    pub fn pause(&mut self) -> Result<()> {
+        self.inner.pause(true)
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&mut self) -> Result<()> {
+        self.inner.pause(false)
+    }
+
     /// Starts the server again from its config file and data (after [`Self::kill9`]; a running
     /// server is killed first). Sentinel may have rewritten the config meanwhile, e.g. to make
     /// this node a replica of the promoted one.
@@ -349,6 +426,39 @@ impl RedisServer {
         }
     }
 
+    /// For a master: waits until at least `n` replicas are online and count as good for
+    /// `min-replicas-to-write` (a replica's link is up a moment before its master counts it).
+    pub fn wait_replicas_online(&self, n: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = resp::info(
+                self.inner.port,
+                self.inner.password.as_deref(),
+                "replication",
+            )
+            .unwrap_or_default();
+            let online = info
+                .lines()
+                .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+                .count();
+            let good = resp::info_field(&info, "min_slaves_good_slaves")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(online);
+            if online >= n && good >= n {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "master on port {} has {online} replica(s) online ({good} good), not {n}, \
+                     after {} s",
+                    self.inner.port,
+                    timeout.as_secs()
+                );
+            }
+            sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Hands the process over (it keeps running after this) and returns its pid.
     pub fn disarm(mut self) -> u32 {
         self.inner.disarm()
@@ -370,7 +480,7 @@ mod tests {
 
     #[test]
     fn config_has_aof_replication_and_auth() {
-        let c = data_config(6410, Some(6400), Some("pw"), 7);
+        let c = data_config(6410, Some(6400), Some("pw"), 7, false);
         for line in [
             "appendonly yes",
             "appendfsync everysec",
@@ -383,9 +493,23 @@ mod tests {
         ] {
             assert!(c.lines().any(|l| l == line), "missing {line:?} in\n{c}");
         }
-        let c6 = data_config(6400, None, None, 6);
+        assert!(
+            !c.contains("min-replicas"),
+            "a single node writes alone:\n{c}"
+        );
+        let c6 = data_config(6400, None, None, 6, false);
         assert!(!c6.contains("appenddirname"));
         assert!(!c6.contains("replicaof"));
         assert!(!c6.contains("requirepass"));
+    }
+
+    #[test]
+    fn nodes_of_a_set_refuse_writes_without_a_replica() {
+        for replica_of in [None, Some(6400)] {
+            let c = data_config(6410, replica_of, None, 7, true);
+            for line in ["min-replicas-to-write 1", "min-replicas-max-lag 10"] {
+                assert!(c.lines().any(|l| l == line), "missing {line:?} in\n{c}");
+            }
+        }
     }
 }

@@ -195,24 +195,35 @@ impl Sentinel {
     }
 }
 
-/// A master, its replica (synced) and three Sentinels (quorum 2, down-after
-/// 1000 ms, failover-timeout 3000 ms) that all monitor it: the smallest set
-/// in which a failover can happen, as failover tests need it.
+/// A master, two replicas (synced) and three Sentinels (quorum 2, down-after 1000 ms,
+/// failover-timeout 3000 ms) that all monitor it: a store as the fleet runs it, in which one
+/// lost node still leaves a master and a replica. Every node is started with
+/// [`crate::RedisServer::start_in_set`], so a master with no replica refuses writes.
 #[derive(Debug)]
 pub struct SentinelSet {
     pub master: crate::RedisServer,
-    pub replica: crate::RedisServer,
+    /// The two replicas; Sentinel promotes one of them when the master dies.
+    pub replicas: Vec<crate::RedisServer>,
     pub sentinels: Vec<Sentinel>,
 }
 
+/// Replicas of a [`SentinelSet`]'s master.
+pub const SET_REPLICAS: usize = 2;
+
 impl SentinelSet {
     /// Starts the set under `dir` as master `name`; returns once every Sentinel
-    /// knows the replica and the other two Sentinels.
+    /// knows both replicas and the other two Sentinels.
     pub fn start(dir: &Path, name: &str, timeout: Duration) -> Result<Self> {
-        let master = crate::RedisServer::start(dir, crate::free_port(), None, None)?;
-        let replica =
-            crate::RedisServer::start(dir, crate::free_port(), Some(master.port()), None)?;
-        replica.wait_replica_synced(timeout)?;
+        let master = crate::RedisServer::start_in_set(dir, crate::free_port(), None, None)?;
+        let replicas = (0..SET_REPLICAS)
+            .map(|_| {
+                crate::RedisServer::start_in_set(dir, crate::free_port(), Some(master.port()), None)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for replica in &replicas {
+            replica.wait_replica_synced(timeout)?;
+        }
+        master.wait_replicas_online(SET_REPLICAS, timeout)?;
         let sentinels = (0..3)
             .map(|_| {
                 Sentinel::start(
@@ -226,11 +237,11 @@ impl SentinelSet {
             })
             .collect::<Result<Vec<_>>>()?;
         for s in &sentinels {
-            s.wait_monitoring(&[name], 1, 2, timeout)?;
+            s.wait_monitoring(&[name], SET_REPLICAS, 2, timeout)?;
         }
         Ok(SentinelSet {
             master,
-            replica,
+            replicas,
             sentinels,
         })
     }

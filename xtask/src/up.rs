@@ -281,55 +281,66 @@ fn start_all(
     gateway::check_routes(&state.gateway_url)
 }
 
-/// The four Redis sets (master + replica each) and the three Sentinels.
+/// The four Redis sets (a master and two replicas each) and the three Sentinels.
 fn start_stores(root: &Path, fleet: &Path, state: &mut State) -> Result<()> {
     println!(
-        "xtask: starting Redis sets {:?}",
-        fleet::STORES.map(|s| s.0)
+        "xtask: starting Redis sets {:?} (a master and {} replicas each)",
+        fleet::STORES.map(|s| s.0),
+        fleet::NODES_PER_STORE - 1
     );
-    let mut sets = Vec::new();
-    for (store, master_port, replica_port) in fleet::STORES {
-        let m_name = format!("{store}-redis-1");
-        let r_name = format!("{store}-redis-2");
-        let master =
-            RedisServer::start(fleet.join("redis").join(&m_name), master_port, None, None)?;
-        let replica = RedisServer::start(
-            fleet.join("redis").join(&r_name),
-            replica_port,
-            Some(master_port),
-            None,
-        )?;
-        sets.push((store, m_name, master, r_name, replica));
+    // (store, node name, role, server), the master of each store first.
+    let mut nodes: Vec<(&str, String, &str, RedisServer)> = Vec::new();
+    for (store, ports) in fleet::STORES {
+        let master_port = ports[0];
+        for (i, port) in ports.into_iter().enumerate() {
+            let name = format!("{store}-redis-{}", i + 1);
+            let (role, replica_of) = match i {
+                0 => ("master", None),
+                _ => ("replica", Some(master_port)),
+            };
+            // Every node refuses writes while it is a master without a replica
+            // (min-replicas-to-write); the replicas' sync is accepted all the same.
+            let server =
+                RedisServer::start_in_set(fleet.join("redis").join(&name), port, replica_of, None)?;
+            nodes.push((store, name, role, server));
+        }
     }
-    for (_, _, _, r_name, replica) in &sets {
-        replica
-            .wait_replica_synced(Duration::from_secs(20))
-            .with_context(|| format!("{r_name} did not sync"))?;
+    for (_, name, role, server) in &nodes {
+        if *role == "replica" {
+            server
+                .wait_replica_synced(Duration::from_secs(20))
+                .with_context(|| format!("{name} did not sync"))?;
+        }
+    }
+    for (_, name, role, server) in &nodes {
+        if *role == "master" {
+            server
+                .wait_replicas_online(fleet::NODES_PER_STORE - 1, Duration::from_secs(20))
+                .with_context(|| format!("{name} does not count its replicas as online"))?;
+        }
     }
     interrupt::check()?;
     // Hand the processes over only now: until here, an error drops (kills) them.
-    for (store, m_name, master, r_name, replica) in sets {
-        for (name, role, server) in [(m_name, "master", master), (r_name, "replica", replica)] {
-            let log = link_log(fleet, &name, server.log_path());
-            let port = server.port();
-            let pid = server.disarm();
-            state.record(
-                root,
-                Record::new(
-                    Kind::Redis,
-                    &format!("{store}-redis-{role}"),
-                    &name,
-                    pid,
-                    port,
-                    Some(store),
-                    &log,
-                ),
-            )?;
-        }
+    for (store, name, role, server) in nodes {
+        let log = link_log(fleet, &name, server.log_path());
+        let port = server.port();
+        let pid = server.disarm();
+        state.record(
+            root,
+            Record::new(
+                Kind::Redis,
+                &format!("{store}-redis-{role}"),
+                &name,
+                pid,
+                port,
+                Some(store),
+                &log,
+            ),
+        )?;
     }
 
     println!("xtask: starting Sentinels on {:?}", fleet::SENTINEL_PORTS);
-    let monitors: Vec<(&str, u16)> = fleet::STORES.iter().map(|(s, m, _)| (*s, *m)).collect();
+    let monitors: Vec<(&str, u16)> = fleet::STORES.iter().map(|(s, n)| (*s, n[0])).collect();
     let mut sentinels = Vec::new();
     for (i, port) in fleet::SENTINEL_PORTS.into_iter().enumerate() {
         let name = format!("sentinel-{}", i + 1);
@@ -349,7 +360,7 @@ fn start_stores(root: &Path, fleet: &Path, state: &mut State) -> Result<()> {
     for (name, s) in &sentinels {
         s.wait_monitoring(
             &names,
-            1,
+            fleet::NODES_PER_STORE - 1,
             fleet::SENTINEL_PORTS.len() - 1,
             Duration::from_secs(40),
         )

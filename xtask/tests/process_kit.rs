@@ -73,22 +73,36 @@ fn sentinels_fail_over_when_the_master_is_killed() {
     let dir = ScratchDir::new("kit-sentinel").unwrap();
     let SentinelSet {
         mut master,
-        replica,
+        replicas,
         sentinels,
     } = SentinelSet::start(dir.path(), "data", Duration::from_secs(30)).unwrap();
+    assert_eq!(replicas.len(), 2, "a store is a master and two replicas");
     for s in &sentinels {
         assert_eq!(s.master_port("data").unwrap(), Some(master.port()));
     }
+    // A node of a set refuses writes while it is a master without a replica; with its
+    // replicas online it writes.
+    master.command(&["SET", "k", "v"]).unwrap();
 
     master.kill9();
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if sentinels[0].master_port("data").unwrap() == Some(replica.port())
-            && replica.role().unwrap() == "master"
-        {
-            break;
+    let promoted = loop {
+        let now = sentinels[0].master_port("data").unwrap();
+        if let Some(r) = replicas.iter().find(|r| Some(r.port()) == now) {
+            if r.role().unwrap() == "master" {
+                break r;
+            }
         }
         assert!(Instant::now() < deadline, "no failover within 30 s");
+        sleep(Duration::from_millis(100));
+    };
+    // The other replica follows the promoted one, so the new master can write again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while promoted.command(&["SET", "k", "after"]).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the promoted replica never got a replica of its own"
+        );
         sleep(Duration::from_millis(100));
     }
     // The old master comes back as a replica of the new one once Sentinel reconfigures it.
@@ -104,7 +118,42 @@ fn sentinels_fail_over_when_the_master_is_killed() {
         sleep(Duration::from_millis(200));
     }
     let conf = std::fs::read_to_string(master.conf_path()).unwrap();
-    assert!(conf.contains(&format!("replicaof 127.0.0.1 {}", replica.port())));
+    assert!(conf.contains(&format!("replicaof 127.0.0.1 {}", promoted.port())));
+    assert!(
+        conf.contains("min-replicas-to-write 1"),
+        "Sentinel's rewrite kept the write guard"
+    );
+}
+
+#[test]
+fn a_master_of_a_set_refuses_writes_without_a_replica_but_accepts_its_sync() {
+    require("redis-server");
+    let dir = ScratchDir::new("kit-guard").unwrap();
+    let master = RedisServer::start_in_set(dir.path(), free_port(), None, None).unwrap();
+    let refused = master.command(&["SET", "k", "v"]).unwrap_err();
+    assert!(refused.to_string().contains("NOREPLICAS"), "{refused:#}");
+    let mut replica =
+        RedisServer::start_in_set(dir.path(), free_port(), Some(master.port()), None).unwrap();
+    replica
+        .wait_replica_synced(Duration::from_secs(10))
+        .unwrap();
+    master
+        .wait_replicas_online(1, Duration::from_secs(10))
+        .unwrap();
+    master.command(&["SET", "k", "v"]).unwrap();
+    // A replica's death is seen at once (its connection closes): writes are refused again.
+    replica.kill9();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while master.command(&["SET", "k", "w"]).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "writes still accepted with no replica"
+        );
+        sleep(Duration::from_millis(50));
+    }
+    // A single node started with `start` writes alone (RedisTarget::Direct).
+    let single = RedisServer::start(dir.join("single"), free_port(), None, None).unwrap();
+    single.command(&["SET", "k", "v"]).unwrap();
 }
 
 /// AMQP handshake: the server answers the protocol header with a method frame
