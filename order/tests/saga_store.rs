@@ -10,7 +10,7 @@ use common::messages::Line;
 use common::redis_store::{RedisTarget, Store};
 use common::types::{Amount, ItemId, OrderId, SagaId, UserId};
 use order::saga_store::{Begin, SagaRecord, SagaStore};
-use xtask::{free_port, RedisServer, ScratchDir};
+use xtask::{free_port, FaultProxy, RedisServer, ScratchDir};
 
 fn record(idem_key: &str) -> SagaRecord {
     SagaRecord {
@@ -68,5 +68,35 @@ async fn the_first_answer_of_a_saga_stands() {
         recorded.as_text(),
         Some(first.encode()),
         "the checkout's key holds the first answer"
+    );
+}
+
+/// `begin` whose EXEC ran but whose reply was lost is retried by the store;
+/// the retry finds the checkout's key pointing at the saga it just wrote and
+/// must carry on as that saga (Started), not join it as someone else's
+/// (nobody would drive it, and the client would get a 400 after the lease).
+#[tokio::test]
+async fn a_begin_whose_reply_was_lost_starts_its_own_saga() {
+    let dir = ScratchDir::new("saga-store-test").unwrap();
+    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let proxy = FaultProxy::start(redis.port()).unwrap();
+    let store = Store::new(
+        &RedisTarget::Direct {
+            url: format!("redis://127.0.0.1:{}", proxy.port()),
+        },
+        Duration::from_millis(10),
+    )
+    .unwrap();
+    let sagas = SagaStore::new(Arc::new(store));
+    let saga = record("idem:/checkout/o-1:lost-begin");
+    proxy.drop_reply_after(b"EXEC");
+    let begun = sagas
+        .begin(&saga, "instance-a", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(proxy.fired(), 1, "the EXEC reply was not dropped");
+    assert!(
+        matches!(begun, Begin::Started),
+        "a retried begin did not recognise its own saga"
     );
 }
