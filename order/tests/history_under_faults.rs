@@ -72,7 +72,9 @@ fn settings(service: Service, links: &Links, redis_port: u16, db: u8, amqp: &str
     Settings {
         service,
         bind_addr: "127.0.0.1:0".into(),
-        instance_id: links.name.clone(),
+        // Unique: the broker may be shared with a running fleet whose order instances own
+        // exclusive reply queues named after theirs ("order-1", ...).
+        instance_id: format!("{}-test-{}", links.name, uuid::Uuid::new_v4().simple()),
         redis: RedisTarget::Direct {
             url: format!("redis://127.0.0.1:{redis_port}/{db}"),
         },
