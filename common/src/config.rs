@@ -100,7 +100,7 @@ pub const ENV_VARS: &[EnvVar] = &[
         default: Some("500"),
         required: false,
         services: Service::ALL,
-        help: "how long a write waits for a replica to confirm it (WAIT 1 <ms>) before it counts as not confirmed (retried, then 503); Sentinel stores only",
+        help: "how long a write waits for a replica to confirm it (WAIT 1 <ms>, at most 2000) before it counts as not confirmed (retried, then 503); Sentinel stores only",
     },
     EnvVar {
         name: "SAGA_REDIS_MASTER_NAME",
@@ -277,7 +277,7 @@ impl Settings {
             bind_addr: var("BIND_ADDR").expect("has a default"),
             instance_id,
             redis: redis_target("REDIS_URL", &master)?,
-            wait_timeout: millis("REDIS_WAIT_TIMEOUT_MS")?,
+            wait_timeout: wait_timeout(millis("REDIS_WAIT_TIMEOUT_MS")?)?,
             amqp_url: var("AMQP_URL").expect("has a default"),
             queue_type,
             prefetch: parsed("AMQP_PREFETCH")?,
@@ -354,6 +354,25 @@ impl OrderSettings {
     }
 }
 
+/// The longest `REDIS_WAIT_TIMEOUT_MS`: a WAIT must answer well inside a
+/// store command's own timeout (3 s), or a slow replica would be reported as
+/// an unreachable master.
+pub const MAX_WAIT_TIMEOUT: Duration = Duration::from_millis(2000);
+
+fn wait_timeout(wait: Duration) -> Result<Duration, ConfigError> {
+    if wait > MAX_WAIT_TIMEOUT {
+        return Err(ConfigError::Invalid {
+            name: "REDIS_WAIT_TIMEOUT_MS",
+            reason: format!(
+                "{} ms is too long (at most {} ms)",
+                wait.as_millis(),
+                MAX_WAIT_TIMEOUT.as_millis()
+            ),
+        });
+    }
+    Ok(wait)
+}
+
 fn lease(lease: Duration) -> Result<Duration, ConfigError> {
     if lease < MIN_SAGA_LEASE {
         return Err(ConfigError::Invalid {
@@ -371,6 +390,12 @@ fn lease(lease: Duration) -> Result<Duration, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn waits_longer_than_a_command_may_take_are_refused() {
+        assert!(wait_timeout(Duration::from_secs(5)).is_err());
+        assert_eq!(wait_timeout(MAX_WAIT_TIMEOUT).unwrap(), MAX_WAIT_TIMEOUT);
+    }
 
     #[test]
     fn leases_too_short_to_renew_are_refused() {

@@ -510,19 +510,70 @@ impl Store {
     }
 
     /// Writes that need no read first (creation, batch loads): sent as one
-    /// atomic pipeline, retried through failovers, then confirmed on a replica
-    /// (the retry after an unconfirmed write sends it again: callers' writes
-    /// are idempotent).
+    /// atomic pipeline, retried through failovers while its outcome is unknown
+    /// (the callers' writes are overwrites, so sending them again is safe as
+    /// long as nobody else wrote the same keys meanwhile), then confirmed on a
+    /// replica once.
+    ///
+    /// Once EXEC has answered, the writes are never sent again: by the time a
+    /// failed WAIT could be retried, a later transaction may have built on them
+    /// (a `take` on a freshly loaded counter), and a second copy would undo it.
+    /// An unconfirmed write is [`StoreError::NotDurable`] at once; the caller's
+    /// client retries the whole request.
     pub async fn write(&self, writes: &Pipeline) -> Result<(), StoreError> {
-        self.run_checked(|mut conn| async move {
-            let mut atomic = writes.clone();
-            let result = match atomic.atomic().query_async::<()>(&mut conn).await {
-                Ok(()) => self.wait_for_replica(&mut conn).await,
-                Err(e) => Err(StoreError::Redis(e)),
+        let mut retry = self.retry();
+        loop {
+            let mut conn = match self.connection().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    retry.after(Transient::Unavailable(e)).await?;
+                    continue;
+                }
             };
-            (conn, result)
-        })
-        .await
+            let mut atomic = writes.clone();
+            let sent = tokio::time::timeout(
+                COMMAND_TIMEOUT,
+                atomic.atomic().query_async::<()>(&mut conn),
+            )
+            .await;
+            match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    conn.discard();
+                    retry.after(self.transient(StoreError::Redis(e))?).await?;
+                    continue;
+                }
+                Err(_) => {
+                    conn.discard();
+                    retry
+                        .after(Transient::Unavailable("command timed out".into()))
+                        .await?;
+                    continue;
+                }
+            }
+            let confirm_budget = self.wait_timeout + WAIT_REPLY_MARGIN;
+            return match tokio::time::timeout(confirm_budget, self.wait_for_replica(&mut conn))
+                .await
+            {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(StoreError::NotDurable(why))) => {
+                    conn.discard();
+                    Err(StoreError::NotDurable(why))
+                }
+                Ok(Err(e)) => {
+                    conn.discard();
+                    Err(StoreError::NotDurable(format!(
+                        "applied, then WAIT failed: {e}"
+                    )))
+                }
+                Err(_) => {
+                    conn.discard();
+                    Err(StoreError::NotDurable(
+                        "applied, then WAIT timed out".into(),
+                    ))
+                }
+            };
+        }
     }
 
     /// Writes `n` records in pipelines of [`BATCH_CHUNK`]; `fill` adds record `i`'s writes.

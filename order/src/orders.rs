@@ -314,6 +314,8 @@ impl Orders {
         self.update(id, |order| match order {
             None => (None, Freeze::NotFound),
             Some(order) if order.paid => (None, Freeze::Paid),
+            // A retry after a lost EXEC reply (or an unconfirmed one) finds its own hold.
+            Some(order) if order.checkout == Some(saga) => (None, Freeze::Frozen(order)),
             Some(Order {
                 checkout: Some(other),
                 ..

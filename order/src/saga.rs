@@ -410,6 +410,7 @@ impl Orchestrator {
         reason: &str,
         answer: Option<oneshot::Sender<Result<Answer, ApiError>>>,
     ) {
+        let waited_for = answer.is_some();
         let send = |a: Result<Answer, ApiError>| {
             if let Some(tx) = answer {
                 let _ = tx.send(a);
@@ -427,10 +428,18 @@ impl Orchestrator {
             }
             SagaState::Aborted => match self.compensate(saga, undo).await {
                 Undone::Confirmed => {
-                    let no = refused(reason);
-                    match self.sagas.finish(saga, Some(&no), reason).await {
+                    // A refusal is an answer only for the request that waits for it. Recovery
+                    // (nobody waits: the owner's client heard 503 or nothing) records none, so
+                    // a retry looks at the order again: it may be paid by another checkout by
+                    // now (then it is 200), and this saga took nothing.
+                    let no = waited_for.then(|| refused(reason));
+                    match self.sagas.finish(saga, no.as_ref(), reason).await {
                         // The first answer recorded (another driver's, maybe) is the answer.
-                        Ok(first) => send(Ok(first.unwrap_or(no))),
+                        Ok(first) => {
+                            if let Some(no) = first.or(no) {
+                                send(Ok(no));
+                            }
+                        }
                         Err(e) => send(Err(e.into())),
                     }
                     metrics::counter!("saga_outcomes_total", "outcome" => "aborted").increment(1);

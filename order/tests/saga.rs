@@ -476,6 +476,62 @@ async fn a_saga_whose_owner_died_is_recovered(amqp: &str) {
     assert_eq!(f.credit_of(&user).await, 94);
 }
 
+/// A saga recovery finishes by aborting answers nobody: its owner's client
+/// heard 503 (or nothing), and a retry with the same key must look at the
+/// order again. Here the owner began a saga for an order that another
+/// checkout paid meanwhile, and died before it could abandon it: the retry is
+/// a 200 ("already paid"), not the recovery's 400 — and nothing is charged.
+async fn a_recovered_saga_leaves_the_answer_to_the_retry(amqp: &str) {
+    let f = fleet(amqp).await;
+    let item = f.item(10, 3).await;
+    let user = f.user(100).await;
+    let order = f.order(&user, &[(&item, 2)]).await;
+    assert_eq!(f.checkout(&order).await, 200);
+    let key = "owner-died-before-abandoning";
+    let sagas = order::saga_store::SagaStore::new(Arc::new(
+        common::redis_store::Store::new(
+            &RedisTarget::Direct {
+                url: format!("{}/4", f.redis.url()),
+            },
+            Duration::from_millis(10),
+        )
+        .unwrap(),
+    ));
+    let saga = order::saga_store::SagaRecord {
+        id: SagaId::new(),
+        order_id: common::types::OrderId::parse(&order).unwrap(),
+        user_id: common::types::UserId::parse(&user).unwrap(),
+        lines: vec![],
+        total: Amount::new(6).unwrap(),
+        idem: Some((format!("idem:/checkout/{order}:{key}"), 600)),
+    };
+    assert!(matches!(
+        sagas
+            .begin(&saga, "dead-instance", Duration::from_millis(300))
+            .await
+            .unwrap(),
+        order::saga_store::Begin::Started
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while active_sagas(&f, "sagas:active")
+        .await
+        .contains(&saga.id.to_string())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "saga {} never recovered",
+            saga.id
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = f
+        .post_with_key(&format!("{}/checkout/{order}", f.order), key)
+        .await;
+    assert_eq!(status, 200, "the retry heard the recovery's words: {body}");
+    assert_eq!(f.credit_of(&user).await, 94, "charged once");
+    assert_eq!(f.stock_of(&item).await, 8, "reserved once");
+}
+
 /// A compensation that can never apply (its record is corrupt) is retried a
 /// bounded number of times, dead-lettered, and its saga handed to an
 /// operator; the order is not locked, and other checkouts are not delayed.
@@ -557,6 +613,8 @@ async fn saga_scenarios() {
     a_checkout_repeated_with_its_key_returns_the_first_answer(&broker.url).await;
     println!("scenario: a_saga_whose_owner_died_is_recovered");
     a_saga_whose_owner_died_is_recovered(&broker.url).await;
+    println!("scenario: a_recovered_saga_leaves_the_answer_to_the_retry");
+    a_recovered_saga_leaves_the_answer_to_the_retry(&broker.url).await;
     println!("scenario: a_compensation_that_cannot_apply_is_dead_lettered");
     a_compensation_that_cannot_apply_is_dead_lettered(&broker.url).await;
 }
