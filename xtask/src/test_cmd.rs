@@ -136,7 +136,9 @@ pub fn run(root: &Path) -> Result<()> {
         r.step("cargo test", || {
             cargo(
                 root,
-                &["test", "--workspace"],
+                // Every test binary runs even when an earlier one failed, so one failure
+                // does not hide another.
+                &["test", "--workspace", "--no-fail-fast"],
                 &[("TEST_AMQP_URL", fleet::amqp_url().as_str())],
             )?;
             Ok(())
