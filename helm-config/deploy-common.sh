@@ -11,6 +11,7 @@
 #   REDIS_CHART_VERSION, RABBITMQ_CHART_VERSION, INGRESS_NGINX_CHART_VERSION
 #                                pinned chart versions (defaults below)
 #   HELM_TIMEOUT                 how long each release may take to become ready (10m)
+#   IMAGE_TAG                    tag of the service images (default: image_tag below)
 
 HELM_CONFIG_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck disable=SC2034 # used by the scripts that source this file
@@ -98,6 +99,49 @@ helm_repos() {
     helm repo update ingress-nginx
 }
 
+# The tag of the service images built from this work tree: the short commit, and when the
+# tree has changes git does not ignore, "-dirty-" and a hash of those changes (tracked
+# diff and untracked files). Every different tree gets its own tag, so applying the
+# manifests with it changes the pod templates and rolls the Deployments out; a rebuilt
+# image under a tag the cluster already runs (`:latest`) would not be picked up.
+image_tag() {
+    local commit changes
+    if ! commit=$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null); then
+        die "$REPO_ROOT is not a git work tree: set IMAGE_TAG"
+    fi
+    changes=$(git -C "$REPO_ROOT" status --porcelain --untracked-files=all)
+    if [ -z "$changes" ]; then
+        echo "$commit"
+        return
+    fi
+    changes=$(
+        cd "$REPO_ROOT" &&
+            {
+                git diff HEAD --binary
+                git ls-files -z --others --exclude-standard | xargs -0 -r sha256sum --
+            } | sha256sum | cut -c1-12
+    )
+    echo "$commit-dirty-$changes"
+}
+
+# render_manifests <dir> <image prefix>: copies of the manifests of k8s/ in <dir>, where
+# each service's image (the placeholder fleet/<service>:latest in the files) is
+# <image prefix><service>:$IMAGE_TAG.
+render_manifests() {
+    local out=$1 prefix=$2 manifest svc
+    local edits=()
+    for svc in "${SERVICES[@]}"; do
+        edits+=(-e "s#^([[:space:]]*image:[[:space:]]*)fleet/$svc:latest[[:space:]]*\$#\\1$prefix$svc:$IMAGE_TAG#")
+    done
+    for manifest in "$REPO_ROOT"/k8s/*.yaml; do
+        sed -E "${edits[@]}" "$manifest" >"$out/$(basename "$manifest")"
+    done
+    for svc in "${SERVICES[@]}"; do
+        grep -qF "image: $prefix$svc:$IMAGE_TAG" "$out/$svc.yaml" ||
+            die "k8s/$svc.yaml: no 'image: fleet/$svc:latest' line to point at $prefix$svc:$IMAGE_TAG"
+    done
+}
+
 # install_stores [extra helm args...]
 install_stores() {
     local store
@@ -116,6 +160,18 @@ install_stores() {
 # install_rabbitmq [extra helm args...]
 install_rabbitmq() {
     log "RabbitMQ (release rabbitmq, 3 nodes)"
+    # Kubernetes refuses to change the podManagementPolicy of a StatefulSet, so one created
+    # with another policy (the chart's default, OrderedReady, before rabbitmq-values.yaml
+    # set Parallel) is deleted without its pods (--cascade=orphan): the nodes keep running
+    # on their volumes, and the StatefulSet helm creates again adopts them.
+    local wanted current
+    wanted=$(sed -n 's/^podManagementPolicy:[[:space:]]*\([A-Za-z]*\).*/\1/p' "$HELM_CONFIG_DIR/rabbitmq-values.yaml")
+    current=$(kubectl -n "$NAMESPACE" get statefulset rabbitmq \
+        -o 'jsonpath={.spec.podManagementPolicy}' 2>/dev/null || true)
+    if [ -n "$wanted" ] && [ -n "$current" ] && [ "$current" != "$wanted" ]; then
+        log "statefulset/rabbitmq: podManagementPolicy $current -> $wanted (pods and volumes stay)"
+        kubectl -n "$NAMESPACE" delete statefulset rabbitmq --cascade=orphan
+    fi
     helm upgrade --install rabbitmq "$BITNAMI_CHARTS/rabbitmq" \
         --version "$RABBITMQ_CHART_VERSION" \
         --namespace "$NAMESPACE" \
@@ -125,6 +181,11 @@ install_rabbitmq() {
 }
 
 # install_ingress_nginx [extra helm args...]
+# Without `--wait`: helm's wait counts a LoadBalancer Service as ready only once it has an
+# address, which a bare-metal or kind cluster without a load-balancer implementation never
+# gives, so the release would time out although the controller runs. This waits for the
+# controller pods instead (they serve the admission webhook that `kubectl apply` of the
+# Ingresses needs); the address is reported at the end (report_ingress_address).
 install_ingress_nginx() {
     log "ingress-nginx (namespace ingress-nginx)"
     helm upgrade --install ingress-nginx ingress-nginx/ingress-nginx \
@@ -132,7 +193,16 @@ install_ingress_nginx() {
         --namespace ingress-nginx --create-namespace \
         --values "$HELM_CONFIG_DIR/ingress-nginx-values.yaml" \
         "$@" \
-        --wait --timeout "$HELM_TIMEOUT"
+        --timeout "$HELM_TIMEOUT"
+    kubectl -n ingress-nginx rollout status deployment/ingress-nginx-controller \
+        --timeout "$HELM_TIMEOUT"
+}
+
+# The external address of the ingress-nginx LoadBalancer Service, or nothing yet.
+ingress_address() {
+    kubectl -n ingress-nginx get service ingress-nginx-controller \
+        -o 'jsonpath={.status.loadBalancer.ingress[0].ip}{.status.loadBalancer.ingress[0].hostname}' \
+        2>/dev/null || true
 }
 
 # apply_manifests <dir>: the services, their ConfigMaps, PDBs, HPAs and the Ingress.

@@ -5,6 +5,9 @@
 //! the host names, ports, Sentinel master sets, user names and Secret keys those files
 //! choose. This module reads the values files and checks that every repeat agrees, so a
 //! renamed release or a changed port fails here instead of in a pod that cannot connect.
+//! It also keeps two RabbitMQ settings the chart's defaults get wrong for this fleet
+//! ([`check_rabbitmq_node_settings`]) and the image placeholders of the Deployments that
+//! the deploy scripts replace with the build's tag ([`check_image_placeholders`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -100,6 +103,7 @@ pub(super) fn check_k8s_against_helm(
     let rabbit_nodes: u64 = at(&rabbit, &["replicaCount"])
         .and_then(Value::as_u64)
         .unwrap_or(1);
+    check_rabbitmq_node_settings(root, &rabbit, rabbit_nodes, p)?;
     for (secret_path, key_path, default_key) in [
         (
             "existingPasswordSecret",
@@ -228,5 +232,114 @@ pub(super) fn check_k8s_against_helm(
             });
         }
     }
+    check_image_placeholders(objects, p);
     Ok(())
+}
+
+/// RabbitMQ settings of the Bitnami chart (values.yaml of the pinned 16.0.x) whose defaults
+/// misbehave on a real cluster: `memoryHighWatermark` is off, so with a memory limit a
+/// backlog gets the node OOM-killed instead of blocking publishers (with `type: relative`
+/// the chart applies `value` to `resources.limits.memory`); `podManagementPolicy` is
+/// OrderedReady, with which a cluster stopped ungracefully may never start again. The
+/// values overriding rabbitmq-values.yaml (`rabbitmq-*-values.yaml`) must not undo either.
+fn check_rabbitmq_node_settings(
+    root: &Path,
+    rabbit: &Value,
+    nodes: u64,
+    p: &mut Problems,
+) -> Result<()> {
+    let base = "helm-config/rabbitmq-values.yaml";
+    if str_at(rabbit, &["resources", "limits", "memory"]).is_some() {
+        let enabled = at(rabbit, &["memoryHighWatermark", "enabled"]).and_then(Value::as_bool);
+        let kind = str_at(rabbit, &["memoryHighWatermark", "type"]).unwrap_or("relative");
+        let value = at(rabbit, &["memoryHighWatermark", "value"]).and_then(Value::as_f64);
+        let relative_ok = kind == "relative" && value.is_some_and(|v| v > 0.0 && v < 1.0);
+        p.check(enabled == Some(true) && (relative_ok || kind == "absolute"), || {
+            format!(
+                "{base}: resources.limits.memory is set, so memoryHighWatermark must be enabled (type relative, value in (0, 1): a share of the limit)"
+            )
+        });
+    }
+    if nodes > 1 {
+        p.check(
+            str_at(rabbit, &["podManagementPolicy"]) == Some("Parallel"),
+            || format!("{base}: {nodes} nodes need podManagementPolicy: Parallel (with OrderedReady a cluster stopped ungracefully may never start again)"),
+        );
+    }
+    let helm = root.join("helm-config");
+    for file in files_under(&helm, &|f| {
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        name.starts_with("rabbitmq-") && name != "rabbitmq-values.yaml" && is_yaml(f)
+    }) {
+        let doc = yaml_docs(&file)?.into_iter().next().unwrap_or(Value::Null);
+        let label = file
+            .strip_prefix(root)
+            .unwrap_or(&file)
+            .display()
+            .to_string();
+        let watermark_off =
+            at(&doc, &["memoryHighWatermark", "enabled"]).and_then(Value::as_bool) == Some(false);
+        let policy = str_at(&doc, &["podManagementPolicy"]);
+        p.check(!watermark_off && policy.is_none_or(|v| v == "Parallel"), || {
+            format!("{label}: must not turn off memoryHighWatermark or set podManagementPolicy other than Parallel (see {base})")
+        });
+    }
+    Ok(())
+}
+
+/// The deploy scripts (render_manifests in helm-config/deploy-common.sh) apply k8s/ with
+/// each service's image replaced by the one built from the work tree, tagged by commit, so
+/// that a new build rolls out; they find the image by its placeholder `fleet/<service>:latest`.
+fn check_image_placeholders(objects: &[Object], p: &mut Problems) {
+    for d in objects.iter().filter(|o| {
+        o.kind == "Deployment" && ["stock", "payment", "order"].contains(&o.name.as_str())
+    }) {
+        let placeholder = format!("fleet/{}:latest", d.name);
+        let images: Vec<&str> = seq_at(&d.doc, &["spec", "template", "spec", "containers"])
+            .iter()
+            .filter_map(|c| str_at(c, &["image"]))
+            .collect();
+        p.check(images.contains(&placeholder.as_str()), || {
+            format!(
+                "{}: Deployment {}: images {images:?}, but the deploy scripts (render_manifests in helm-config/deploy-common.sh) replace the placeholder {placeholder} with the build's tag",
+                d.file, d.name
+            )
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validate::consistency::yaml_docs_str;
+
+    fn rabbit_problems(yaml: &str) -> Vec<String> {
+        let doc = yaml_docs_str(yaml).unwrap().remove(0);
+        let nodes = at(&doc, &["replicaCount"])
+            .and_then(Value::as_u64)
+            .unwrap_or(1);
+        let mut p = Problems::default();
+        // No helm-config/ there: no override files.
+        check_rabbitmq_node_settings(Path::new("/nonexistent"), &doc, nodes, &mut p).unwrap();
+        p.0
+    }
+
+    #[test]
+    fn rabbitmq_blocks_publishers_and_restarts_in_parallel() {
+        let good = "replicaCount: 3\npodManagementPolicy: Parallel\n\
+                    resources: {limits: {memory: 1Gi}}\n\
+                    memoryHighWatermark: {enabled: true, type: relative, value: 0.5}\n";
+        assert_eq!(rabbit_problems(good), Vec::<String>::new());
+        let off = good.replace("enabled: true", "enabled: false");
+        assert!(rabbit_problems(&off)[0].contains("memoryHighWatermark must be enabled"));
+        let too_high = good.replace("value: 0.5", "value: 1.5");
+        assert_eq!(rabbit_problems(&too_high).len(), 1);
+        let ordered = good.replace("Parallel", "OrderedReady");
+        assert!(rabbit_problems(&ordered)[0].contains("podManagementPolicy: Parallel"));
+        assert_eq!(
+            rabbit_problems("replicaCount: 1\n"),
+            Vec::<String>::new(),
+            "one node without a limit needs neither"
+        );
+    }
 }

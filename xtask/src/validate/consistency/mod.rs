@@ -9,7 +9,9 @@
 //! |-------------------|------------------------------------------------------------------|
 //! | [`k8s_refs`]      | within `k8s/`: selectors, Service ports, Ingress, PDB, HPA targets |
 //! | [`container_env`] | the services' env in `k8s/`: ConfigMap and Secret references       |
-//! | [`helm`]          | that env against the Redis and RabbitMQ charts in `helm-config/`   |
+//! | [`helm`]          | that env against the Redis and RabbitMQ charts in `helm-config/`;  |
+//! |                   | RabbitMQ's memory watermark and pod management; the image          |
+//! |                   | placeholders the deploy scripts replace                            |
 //! | [`compose_setup`] | `docker-compose.yml`: services, health checks, env files, hosts    |
 //! | [`gateway`]       | the compose gateway routes and retries what the fleet needs        |
 //!
