@@ -1,14 +1,13 @@
 //! The order's compare-and-sets against a real redis-server, through the
 //! fault proxy: what must hold when a transaction ran and its reply was lost.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use common::idempotency::IdemKey;
-use common::redis_store::{RedisTarget, Store};
 use common::types::{OrderId, SagaId, UserId};
 use order::orders::{Freeze, Orders};
 use xtask::{free_port, FaultProxy, RedisServer, ScratchDir};
+
+mod support;
+use support::direct_store;
 
 /// A freeze whose EXEC ran but whose reply was lost is retried by the store;
 /// the retry finds the order held by the same saga and must answer Frozen,
@@ -18,14 +17,7 @@ async fn a_freeze_whose_reply_was_lost_is_frozen() {
     let dir = ScratchDir::new("orders-test").unwrap();
     let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
     let proxy = FaultProxy::start(redis.port()).unwrap();
-    let store = Store::new(
-        &RedisTarget::Direct {
-            url: format!("redis://127.0.0.1:{}", proxy.port()),
-        },
-        Duration::from_millis(10),
-    )
-    .unwrap();
-    let orders = Orders::new(Arc::new(store));
+    let orders = Orders::new(direct_store(&format!("redis://127.0.0.1:{}", proxy.port())));
     let created = orders
         .create(
             UserId::parse("u-1").unwrap(),

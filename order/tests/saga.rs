@@ -17,9 +17,8 @@ use std::time::Duration;
 use common::broker::{Broker, QueueKind};
 use common::config::QueueType;
 use common::messages::{Action, Batch, Command, Line, Outcome, Reply};
-use common::redis_store::RedisTarget;
 use common::types::{Amount, ItemId, SagaId};
-use support::{active_sagas, amqp_port, fleet, fleet_with, test_broker, Fleet};
+use support::{active_sagas, amqp_port, direct_store, fleet, fleet_with, test_broker, Fleet};
 use xtask::faultproxy::Mode;
 use xtask::FaultProxy;
 
@@ -396,24 +395,8 @@ async fn a_checkout_repeated_with_its_key_returns_the_first_answer(amqp: &str) {
 /// Begins a saga as an order instance that then dies: record written with a
 /// lease that lapses at once, order frozen, the reservation applied.
 async fn orphan(f: &Fleet, order: &str) -> SagaId {
-    let store = Arc::new(
-        common::redis_store::Store::new(
-            &RedisTarget::Direct {
-                url: format!("{}/4", f.redis.url()),
-            },
-            Duration::from_millis(10),
-        )
-        .unwrap(),
-    );
-    let orders = order::orders::Orders::new(Arc::new(
-        common::redis_store::Store::new(
-            &RedisTarget::Direct {
-                url: format!("{}/3", f.redis.url()),
-            },
-            Duration::from_millis(10),
-        )
-        .unwrap(),
-    ));
+    let store = direct_store(&format!("{}/4", f.redis.url()));
+    let orders = order::orders::Orders::new(direct_store(&format!("{}/3", f.redis.url())));
     let order_id = common::types::OrderId::parse(order).unwrap();
     let seen = orders.find(&order_id).await.unwrap();
     let saga = order::saga_store::SagaRecord {
@@ -488,15 +471,7 @@ async fn a_recovered_saga_leaves_the_answer_to_the_retry(amqp: &str) {
     let order = f.order(&user, &[(&item, 2)]).await;
     assert_eq!(f.checkout(&order).await, 200);
     let key = "owner-died-before-abandoning";
-    let sagas = order::saga_store::SagaStore::new(Arc::new(
-        common::redis_store::Store::new(
-            &RedisTarget::Direct {
-                url: format!("{}/4", f.redis.url()),
-            },
-            Duration::from_millis(10),
-        )
-        .unwrap(),
-    ));
+    let sagas = order::saga_store::SagaStore::new(direct_store(&format!("{}/4", f.redis.url())));
     let saga = order::saga_store::SagaRecord {
         id: SagaId::new(),
         order_id: common::types::OrderId::parse(&order).unwrap(),

@@ -1,16 +1,17 @@
 //! The saga log against a real redis-server: what must hold however many
 //! instances drive one saga.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::error::ApiError;
 use common::idempotency::Answer;
 use common::messages::Line;
-use common::redis_store::{RedisTarget, Store};
 use common::types::{Amount, ItemId, OrderId, SagaId, UserId};
 use order::saga_store::{Begin, SagaRecord, SagaStore};
 use xtask::{free_port, FaultProxy, RedisServer, ScratchDir};
+
+mod support;
+use support::direct_store;
 
 fn record(idem_key: &str) -> SagaRecord {
     SagaRecord {
@@ -34,12 +35,7 @@ fn record(idem_key: &str) -> SagaRecord {
 async fn the_first_answer_of_a_saga_stands() {
     let dir = ScratchDir::new("saga-store-test").unwrap();
     let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let store = Store::new(
-        &RedisTarget::Direct { url: redis.url() },
-        Duration::from_millis(10),
-    )
-    .unwrap();
-    let sagas = SagaStore::new(Arc::new(store));
+    let sagas = SagaStore::new(direct_store(&redis.url()));
     let idem_key = "idem:/checkout/o-1:first-answer";
     let saga = record(idem_key);
     let begun = sagas
@@ -80,14 +76,7 @@ async fn a_begin_whose_reply_was_lost_starts_its_own_saga() {
     let dir = ScratchDir::new("saga-store-test").unwrap();
     let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
     let proxy = FaultProxy::start(redis.port()).unwrap();
-    let store = Store::new(
-        &RedisTarget::Direct {
-            url: format!("redis://127.0.0.1:{}", proxy.port()),
-        },
-        Duration::from_millis(10),
-    )
-    .unwrap();
-    let sagas = SagaStore::new(Arc::new(store));
+    let sagas = SagaStore::new(direct_store(&format!("redis://127.0.0.1:{}", proxy.port())));
     let saga = record("idem:/checkout/o-1:lost-begin");
     proxy.drop_reply_after(b"EXEC");
     let begun = sagas

@@ -10,10 +10,11 @@
 // Each test file uses its own part of the harness.
 #![allow(dead_code)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::config::{OrderSettings, QueueType, Service, Settings, StepOrder};
-use common::redis_store::RedisTarget;
+use common::redis_store::{RedisTarget, Store};
 use serde_json::Value;
 use xtask::{free_port, RabbitNode, RedisServer, ScratchDir};
 
@@ -38,6 +39,20 @@ pub fn test_broker(node_name: &str) -> TestBroker {
         url: node.amqp_url(),
         _node: Some((node, dir)),
     }
+}
+
+/// A store on the single Redis at `url` (`redis://host:port[/db]`), as the
+/// services' own stores are built in these tests.
+pub fn direct_store(url: &str) -> Arc<Store> {
+    Arc::new(
+        Store::new(
+            &RedisTarget::Direct {
+                url: url.to_string(),
+            },
+            Duration::from_millis(10),
+        )
+        .unwrap(),
+    )
 }
 
 /// The port of an `amqp://user:pass@host:port/vhost` URL.
