@@ -404,31 +404,43 @@ impl RedisServer {
 
     /// For a replica: waits until its link to the master is up (initial sync done).
     pub fn wait_replica_synced(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let info = resp::info(
-                self.inner.port,
-                self.inner.password.as_deref(),
-                "replication",
-            )
-            .unwrap_or_default();
-            if resp::info_field(&info, "master_link_status") == Some("up") {
-                return Ok(());
+        self.wait_replication(timeout, |info| {
+            if resp::info_field(info, "master_link_status") == Some("up") {
+                Ok(())
+            } else {
+                Err("did not sync with its master".to_string())
             }
-            if Instant::now() >= deadline {
-                bail!(
-                    "replica on port {} did not sync with its master within {} s",
-                    self.inner.port,
-                    timeout.as_secs()
-                );
-            }
-            sleep(Duration::from_millis(100));
-        }
+        })
     }
 
     /// For a master: waits until at least `n` replicas are online and count as good for
     /// `min-replicas-to-write` (a replica's link is up a moment before its master counts it).
     pub fn wait_replicas_online(&self, n: usize, timeout: Duration) -> Result<()> {
+        self.wait_replication(timeout, |info| {
+            let online = info
+                .lines()
+                .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+                .count();
+            let good = resp::info_field(info, "min_slaves_good_slaves")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(online);
+            if online >= n && good >= n {
+                Ok(())
+            } else {
+                Err(format!(
+                    "has {online} replica(s) online ({good} good), not {n}"
+                ))
+            }
+        })
+    }
+
+    /// Polls `INFO replication` until `ready` accepts it; fails with `ready`'s last
+    /// complaint after `timeout`.
+    fn wait_replication(
+        &self,
+        timeout: Duration,
+        ready: impl Fn(&str) -> std::result::Result<(), String>,
+    ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let info = resp::info(
@@ -437,20 +449,13 @@ impl RedisServer {
                 "replication",
             )
             .unwrap_or_default();
-            let online = info
-                .lines()
-                .filter(|l| l.starts_with("slave") && l.contains("state=online"))
-                .count();
-            let good = resp::info_field(&info, "min_slaves_good_slaves")
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(online);
-            if online >= n && good >= n {
-                return Ok(());
-            }
+            let why = match ready(&info) {
+                Ok(()) => return Ok(()),
+                Err(why) => why,
+            };
             if Instant::now() >= deadline {
                 bail!(
-                    "master on port {} has {online} replica(s) online ({good} good), not {n}, \
-                     after {} s",
+                    "redis on port {} {why} within {} s",
                     self.inner.port,
                     timeout.as_secs()
                 );
