@@ -47,16 +47,7 @@ pub(super) fn check_k8s_against_helm(
         .and_then(|s| s.parse().ok())
         .unwrap_or(26379);
     let mut releases = Vec::new();
-    for file in files_under(&helm, &|f| {
-        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        name.starts_with("redis-") && is_yaml(f)
-    }) {
-        let doc = yaml_docs(&file)?.into_iter().next().unwrap_or(Value::Null);
-        let label = file
-            .strip_prefix(root)
-            .unwrap_or(&file)
-            .display()
-            .to_string();
+    for (label, doc) in values_files(root, &helm, |name| name.starts_with("redis-"))? {
         if let (Some(fullname), Some(master_set)) = (
             str_at(&doc, &["fullnameOverride"]),
             str_at(&doc, &["sentinel", "masterSet"]),
@@ -267,16 +258,9 @@ fn check_rabbitmq_node_settings(
         );
     }
     let helm = root.join("helm-config");
-    for file in files_under(&helm, &|f| {
-        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        name.starts_with("rabbitmq-") && name != "rabbitmq-values.yaml" && is_yaml(f)
-    }) {
-        let doc = yaml_docs(&file)?.into_iter().next().unwrap_or(Value::Null);
-        let label = file
-            .strip_prefix(root)
-            .unwrap_or(&file)
-            .display()
-            .to_string();
+    for (label, doc) in values_files(root, &helm, |name| {
+        name.starts_with("rabbitmq-") && name != "rabbitmq-values.yaml"
+    })? {
         let watermark_off =
             at(&doc, &["memoryHighWatermark", "enabled"]).and_then(Value::as_bool) == Some(false);
         let policy = str_at(&doc, &["podManagementPolicy"]);
@@ -306,6 +290,30 @@ fn check_image_placeholders(objects: &[Object], p: &mut Problems) {
             )
         });
     }
+}
+
+/// The YAML files under `helm` whose file name `keep` accepts, as (path from the root, first
+/// document).
+fn values_files(
+    root: &Path,
+    helm: &Path,
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<(String, Value)>> {
+    files_under(helm, &|f| {
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        keep(name) && is_yaml(f)
+    })
+    .into_iter()
+    .map(|file| {
+        let doc = yaml_docs(&file)?.into_iter().next().unwrap_or(Value::Null);
+        let label = file
+            .strip_prefix(root)
+            .unwrap_or(&file)
+            .display()
+            .to_string();
+        Ok((label, doc))
+    })
+    .collect()
 }
 
 #[cfg(test)]
