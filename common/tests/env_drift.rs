@@ -94,18 +94,7 @@ fn compose_envs(
             defined_in: compose_label.to_string(),
             ..Default::default()
         };
-        let env_files: Vec<String> = match svc.get("env_file") {
-            Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Sequence(items)) => items
-                .iter()
-                .filter_map(|i| {
-                    i.as_str()
-                        .or_else(|| str_at(i, &["path"]))
-                        .map(str::to_string)
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
+        let env_files = xtask::envfile::compose_env_files(svc);
         for file in env_files {
             let file = file.trim_start_matches("./").to_string();
             match read(&file) {

@@ -21,6 +21,23 @@ pub fn parse(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The `env_file` of a compose service: a string, a list of strings or of `{path: ...}`.
+pub fn compose_env_files(service: &serde_yaml_ng::Value) -> Vec<String> {
+    use serde_yaml_ng::Value;
+    match service.get("env_file") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Sequence(items)) => items
+            .iter()
+            .filter_map(|i| {
+                i.as_str()
+                    .or_else(|| crate::yaml::str_at(i, &["path"]))
+                    .map(str::to_string)
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -22,22 +22,6 @@ fn parse_env_file_map(text: &str) -> BTreeMap<String, String> {
     xtask::envfile::parse(text).into_iter().collect()
 }
 
-/// `env_file` of a compose service: a string, a list of strings or of `{path: ...}`.
-fn compose_env_files(service: &Value) -> Vec<String> {
-    match service.get("env_file") {
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Sequence(items)) => items
-            .iter()
-            .filter_map(|i| {
-                i.as_str()
-                    .or_else(|| str_at(i, &["path"]))
-                    .map(str::to_string)
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// Checks every service of `docker-compose.yml`, then what the three services point at.
 pub(super) fn check_compose_setup(root: &Path, p: &mut Problems) -> Result<()> {
     let compose_path = compose_file(root)?;
@@ -81,7 +65,7 @@ pub(super) fn check_compose_setup(root: &Path, p: &mut Problems) -> Result<()> {
             }
         }
         let mut vars = BTreeMap::new();
-        for f in compose_env_files(svc) {
+        for f in xtask::envfile::compose_env_files(svc) {
             let path = root.join(&f);
             match fs::read_to_string(&path) {
                 Ok(text) => vars.extend(parse_env_file_map(&text)),
