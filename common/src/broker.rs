@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,9 +56,23 @@ impl From<lapin::Error> for BrokerError {
 pub enum QueueKind {
     /// Survives restarts; undeliverable messages go to [`DEAD_LETTER_QUEUE`].
     Durable,
-    /// A reply queue of one process: deleted when its connection closes.
-    Private,
+    /// The reply queue of one order instance: durable, so replies published
+    /// while the instance is reconnecting (or the broker restarting) wait
+    /// for it instead of being dropped, and deleted by the broker once
+    /// nobody has used it for [`REPLY_QUEUE_EXPIRES`] (an instance that is
+    /// gone for good).
+    Reply,
 }
+
+/// How long an unused reply queue outlives its instance. Long enough for any
+/// restart; a reply that finds its queue gone is harmless (the saga store,
+/// not a reply, is the truth, and recovery finishes the saga).
+pub const REPLY_QUEUE_EXPIRES: Duration = Duration::from_secs(600);
+
+/// The longest pause between two reconnect attempts. A refused connection
+/// costs nothing, and a broker that was restarted should find its clients
+/// back within a second: a saga step waits for its reply meanwhile.
+const MAX_RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
 struct Live {
     connection: Connection,
@@ -74,6 +89,9 @@ pub struct Broker {
     /// Every queue [`consume`](Self::consume) was asked to consume, and
     /// whether its consumer runs right now (readiness waits for all of them).
     consumers: std::sync::Mutex<HashMap<String, bool>>,
+    /// Connections made so far: a change tells a waiting caller that the
+    /// connection it sent on was lost meanwhile.
+    generation: AtomicU64,
 }
 
 impl Broker {
@@ -85,17 +103,32 @@ impl Broker {
             durable_queues: durable_queues.iter().map(|q| q.to_string()).collect(),
             live: Mutex::new(None),
             consumers: std::sync::Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
         })
     }
 
     /// True while the connection is up and every consumer runs (readiness).
     /// Tries to connect when it is not. A consumer counts because an instance
-    /// that can publish but not yet hear (its private reply queue is declared
-    /// by its consumer; replies sent before it exists are lost) would time out
-    /// every checkout it takes, and a participant that cannot consume does no
-    /// work.
+    /// that can publish but not yet hear (its reply queue is declared by its
+    /// consumer; on a first start, replies sent before it exists are lost)
+    /// would time out every checkout it takes, and a participant that cannot
+    /// consume does no work.
     pub async fn is_ready(&self) -> bool {
         self.publisher().await.is_ok() && self.consuming()
+    }
+
+    /// How many connections this process has made to the broker so far.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// True while the current connection is up (it is not re-established here).
+    pub async fn connected(&self) -> bool {
+        self.live
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|l| l.connection.status().connected() && l.publisher.status().connected())
     }
 
     /// True when every consumer asked for runs.
@@ -139,6 +172,7 @@ impl Broker {
             .map_err(|_| BrokerError::Unavailable("connect timed out".into()))??;
         let publisher = connected.publisher.clone();
         *live = Some(connected);
+        self.generation.fetch_add(1, Ordering::Relaxed);
         tracing::info!("connected to the broker");
         Ok(publisher)
     }
@@ -235,7 +269,7 @@ impl Broker {
                     metrics::counter!("broker_publish_retries_total").increment(1);
                     tracing::warn!(error = %e, queue, "publish failed, retrying");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    backoff = (backoff * 2).min(MAX_RECONNECT_PAUSE);
                 }
             }
         }
@@ -243,7 +277,8 @@ impl Broker {
 
     /// Consumes `queue` for the life of the process, reconnecting after any
     /// loss. Each delivery is handed to `handler` on its own task; the handler
-    /// acknowledges it (after its effect is committed).
+    /// acknowledges it (after its effect is committed). Deliveries never
+    /// acknowledged before a connection dies are delivered again.
     pub async fn consume<F, Fut>(
         self: Arc<Self>,
         queue: String,
@@ -283,7 +318,7 @@ impl Broker {
                 Err(e) => tracing::warn!(queue, error = %e, "cannot consume yet"),
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(3));
+            backoff = (backoff * 2).min(MAX_RECONNECT_PAUSE);
         }
     }
 
@@ -302,10 +337,7 @@ impl Broker {
             .basic_consume(
                 ShortString::from(queue),
                 ShortString::from(""),
-                BasicConsumeOptions {
-                    no_ack: kind == QueueKind::Private,
-                    ..Default::default()
-                },
+                BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await?;
@@ -351,11 +383,22 @@ async fn declare(
                 ..Default::default()
             }
         }
-        QueueKind::Private => QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..Default::default()
-        },
+        QueueKind::Reply => {
+            args.insert(
+                ShortString::from("x-expires"),
+                AMQPValue::LongLongInt(REPLY_QUEUE_EXPIRES.as_millis() as i64),
+            );
+            if queue_type == QueueType::Quorum {
+                args.insert(
+                    ShortString::from("x-queue-type"),
+                    AMQPValue::LongString(LongString::from("quorum")),
+                );
+            }
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            }
+        }
     };
     channel
         .queue_declare(ShortString::from(queue), options, args)

@@ -347,7 +347,7 @@ impl OrderSettings {
                 .expect("has a default")
                 .trim_end_matches('/')
                 .to_string(),
-            step_timeout: millis("STEP_TIMEOUT_MS")?,
+            step_timeout: step_timeout(millis("STEP_TIMEOUT_MS")?)?,
             checkout_timeout: millis("CHECKOUT_TIMEOUT_MS")?,
             saga_lease: lease(millis("SAGA_LEASE_MS")?)?,
         })
@@ -373,6 +373,30 @@ fn wait_timeout(wait: Duration) -> Result<Duration, ConfigError> {
     Ok(wait)
 }
 
+/// The longest `STEP_TIMEOUT_MS`. A forward command may be applied until a
+/// little after its saga stopped waiting for it; participants remember a
+/// compensation (the tombstone that makes a late forward command a no-op)
+/// for [`crate::counters::TOMBSTONE_TTL_SECS`], which must outlast that.
+pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long past the end of its saga's last wait for it a forward command may
+/// still be applied (queues, clocks): it expires then.
+pub const COMMAND_GRACE: Duration = Duration::from_secs(30);
+
+fn step_timeout(step: Duration) -> Result<Duration, ConfigError> {
+    if step > MAX_STEP_TIMEOUT || step.is_zero() {
+        return Err(ConfigError::Invalid {
+            name: "STEP_TIMEOUT_MS",
+            reason: format!(
+                "{} ms is out of range (1 to {} ms)",
+                step.as_millis(),
+                MAX_STEP_TIMEOUT.as_millis()
+            ),
+        });
+    }
+    Ok(step)
+}
+
 fn lease(lease: Duration) -> Result<Duration, ConfigError> {
     if lease < MIN_SAGA_LEASE {
         return Err(ConfigError::Invalid {
@@ -390,6 +414,16 @@ fn lease(lease: Duration) -> Result<Duration, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_timeouts_a_tombstone_cannot_outlast_are_refused() {
+        assert!(step_timeout(Duration::ZERO).is_err());
+        assert!(step_timeout(MAX_STEP_TIMEOUT + Duration::from_millis(1)).is_err());
+        assert_eq!(step_timeout(MAX_STEP_TIMEOUT).unwrap(), MAX_STEP_TIMEOUT);
+        // The latest a forward command can be applied: two waits of the last send, plus grace.
+        let horizon = 2 * MAX_STEP_TIMEOUT + COMMAND_GRACE;
+        assert!(horizon < Duration::from_secs(crate::counters::TOMBSTONE_TTL_SECS));
+    }
 
     #[test]
     fn waits_longer_than_a_command_may_take_are_refused() {

@@ -18,6 +18,7 @@ use common::broker::{Broker, QueueKind};
 use common::config::{OrderSettings, Settings};
 use common::redis_store::{Store, StoreError};
 use common::service::{readiness, App};
+use lapin::options::BasicAckOptions;
 
 use crate::orders::Orders;
 use crate::replies::Replies;
@@ -53,11 +54,16 @@ pub fn build(
         let replies = replies.clone();
         broker.clone().consume(
             reply_queue.clone(),
-            QueueKind::Private,
+            QueueKind::Reply,
             settings.prefetch,
             move |delivery| {
                 replies.deliver(&delivery.data);
-                std::future::ready(())
+                // Handed over (or nobody waits for it any more): done with it.
+                async move {
+                    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                        tracing::debug!(error = %e, "reply not acknowledged; it will come again");
+                    }
+                }
             },
         )
     });

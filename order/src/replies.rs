@@ -1,9 +1,11 @@
 //! Routes participants' replies to the checkout waiting for them.
 //!
-//! Each order instance has a private reply queue; commands carry its name
-//! as `reply_to`. A reply that finds nobody waiting (its checkout timed out,
-//! or the instance restarted) is dropped: the saga store, not a reply, is the
-//! truth, and recovery finishes such sagas.
+//! Each order instance has a reply queue of its own (`order.replies.<instance>`);
+//! commands carry its name as `reply_to`. The queue is durable: a reply sent
+//! while the instance is reconnecting, or while the broker restarts, waits
+//! there and still reaches the step waiting for it. A reply that finds
+//! nobody waiting (its step timed out, or the instance restarted) is dropped:
+//! the saga store, not a reply, is the truth, and recovery finishes such sagas.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::broker::Broker;
-use common::config::StepOrder;
+use common::config::{StepOrder, COMMAND_GRACE};
 use common::error::ApiError;
 use common::idempotency::{Answer, IdemKey};
 use common::messages::{Action, Batch, Command, Outcome, Step};
@@ -112,8 +112,9 @@ pub struct Routing {
 const BEGIN_TRIES: usize = 5;
 /// Recovery attempts before a saga is handed to an operator.
 const RECOVERY_ATTEMPTS: i64 = 20;
-/// How long past its step timeout a forward command may still be applied.
-const COMMAND_GRACE: Duration = Duration::from_secs(30);
+/// How often a step is sent again after the broker connection was lost while
+/// it waited (each time with a fresh step timeout).
+const RESENDS_AFTER_RECONNECT: usize = 2;
 /// Tries of one compensation before it is left to recovery.
 const COMPENSATION_TRIES: usize = 3;
 
@@ -541,38 +542,64 @@ impl Orchestrator {
         StepResult::Unknown
     }
 
-    /// Sends one command and waits for its reply, all within the step timeout.
+    /// Sends one command and waits for its reply, within the step timeout.
+    ///
+    /// The step timeout measures a participant that does not answer, not a
+    /// broker that is away: when the connection was lost while the step
+    /// waited (the broker died, was restarted, or is still down), or the
+    /// command could not even be sent, it is sent again once the broker is
+    /// back and the wait starts over, at most [`RESENDS_AFTER_RECONNECT`]
+    /// times. Participants apply a step once, so a duplicate only replays its
+    /// outcome; the reply to either copy ends the step, and replies wait in
+    /// the instance's durable reply queue while it reconnects.
     async fn step(&self, queue: &str, saga: SagaId, action: Action) -> StepResult {
         let step: Step = action.step();
         let timeout = self.routing.step_timeout;
-        let expires_at_ms = action
-            .is_forward()
-            .then(|| common::now_ms() + (timeout + COMMAND_GRACE).as_millis() as u64);
         let mut reply = self.replies.expect(saga, step);
-        let body = Batch::of(vec![Command {
-            saga_id: saga,
-            action,
-            expires_at_ms,
-        }])
-        .to_json();
-        let exchange = async {
-            self.broker
+        for resend in 0..=RESENDS_AFTER_RECONNECT {
+            // A forward command expires when this (last) wait for it ends, plus grace.
+            let expires_at_ms = action
+                .is_forward()
+                .then(|| common::now_ms() + (2 * timeout + COMMAND_GRACE).as_millis() as u64);
+            let body = Batch::of(vec![Command {
+                saga_id: saga,
+                action: action.clone(),
+                expires_at_ms,
+            }])
+            .to_json();
+            let generation = self.broker.generation();
+            let sent = self
+                .broker
                 .publish_retrying(queue, Some(&self.routing.reply_queue), &body, timeout)
-                .await
-                .map_err(|e| tracing::warn!(%saga, ?step, error = %e, "command not sent"))
-                .ok()?;
-            reply.recv().await
-        };
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(Some(Outcome::Applied)) => StepResult::Applied,
-            Ok(Some(Outcome::Refused { reason })) => StepResult::Refused(reason),
-            Ok(Some(Outcome::Failed { reason })) => StepResult::Failed(reason),
-            _ => {
-                tracing::warn!(%saga, ?step, "no reply in time");
-                metrics::counter!("saga_step_timeouts_total").increment(1);
-                StepResult::Unknown
+                .await;
+            let connection_lost = match sent {
+                // The broker has been away for a whole step timeout already.
+                Err(e) => {
+                    tracing::warn!(%saga, ?step, error = %e, "command not sent");
+                    true
+                }
+                Ok(()) => match tokio::time::timeout(timeout, reply.recv()).await {
+                    Ok(Some(Outcome::Applied)) => return StepResult::Applied,
+                    Ok(Some(Outcome::Refused { reason })) => return StepResult::Refused(reason),
+                    Ok(Some(Outcome::Failed { reason })) => return StepResult::Failed(reason),
+                    // Replaced by a newer wait for the same step: not ours to judge.
+                    Ok(None) => break,
+                    Err(_) => {
+                        self.broker.generation() != generation || !self.broker.connected().await
+                    }
+                },
+            };
+            if !connection_lost {
+                break;
+            }
+            if resend < RESENDS_AFTER_RECONNECT {
+                tracing::info!(%saga, ?step, "the broker connection was lost during the step; sending again");
+                metrics::counter!("saga_step_resends_total").increment(1);
             }
         }
+        tracing::warn!(%saga, ?step, "no reply in time");
+        metrics::counter!("saga_step_timeouts_total").increment(1);
+        StepResult::Unknown
     }
 
     /// Renews every lease this instance holds, in one round trip, three times per lease.

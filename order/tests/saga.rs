@@ -84,13 +84,15 @@ async fn deliver(f: &Fleet, command: &Command, times: usize) -> Vec<Outcome> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(broker.clone().consume(
         reply_queue.clone(),
-        QueueKind::Private,
+        QueueKind::Reply,
         16,
         move |d: lapin::message::Delivery| {
             for reply in Batch::<Reply>::from_json(&d.data).unwrap().items {
                 let _ = tx.send(reply.outcome);
             }
-            std::future::ready(())
+            async move {
+                let _ = d.ack(lapin::options::BasicAckOptions::default()).await;
+            }
         },
     ));
     tokio::time::sleep(Duration::from_millis(300)).await; // the reply queue exists
