@@ -224,12 +224,19 @@ impl Broker {
     }
 
     /// Publishes with the given properties (persistent ones: see [`persistent_json`]).
+    /// The message carries the current span's trace context in its headers
+    /// unless they carry one already (a retry copy keeps its original's).
     pub async fn publish_with(
         &self,
         queue: &str,
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), BrokerError> {
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        if !headers.inner().contains_key(crate::trace::TRACEPARENT) {
+            crate::trace::inject_current(&mut headers);
+        }
+        let properties = properties.with_headers(headers);
         let channel = self.publisher().await?;
         let confirm = async {
             channel

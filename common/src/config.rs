@@ -149,7 +149,7 @@ pub const ENV_VARS: &[EnvVar] = &[
         default: Some("10000"),
         required: false,
         services: &[Order],
-        help: "how long a saga waits for a participant's reply before counting the step as failed",
+        help: "how long a saga waits for a participant's reply before counting the step as failed (1 to 120000); time the broker is away does not count: after a lost connection the command is sent again and the wait starts over (at most twice)",
     },
     EnvVar {
         name: "CHECKOUT_TIMEOUT_MS",
@@ -178,6 +178,20 @@ pub const ENV_VARS: &[EnvVar] = &[
         required: false,
         services: Service::ALL,
         help: "text or json",
+    },
+    EnvVar {
+        name: "OTEL_EXPORTER_OTLP_ENDPOINT",
+        default: None,
+        required: false,
+        services: Service::ALL,
+        help: "OTLP/HTTP collector base URL (e.g. http://otel-collector:4318): traces are exported there when set, not at all otherwise",
+    },
+    EnvVar {
+        name: "OTEL_SERVICE_NAME",
+        default: None,
+        required: false,
+        services: Service::ALL,
+        help: "service name in exported traces (default: stock, payment or order)",
     },
     EnvVar {
         name: "RUST_LOG",

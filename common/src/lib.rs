@@ -14,6 +14,7 @@ pub mod participant;
 pub mod redis_store;
 pub mod service;
 pub mod telemetry;
+pub mod trace;
 pub mod types;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

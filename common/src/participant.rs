@@ -27,6 +27,7 @@ use std::time::Duration;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use tracing::Instrument;
 
 use crate::broker::{persistent_json, Broker, QueueKind, DEAD_LETTER_QUEUE};
 use crate::messages::{Batch, Command, Outcome, Reply, Step};
@@ -58,7 +59,20 @@ pub async fn serve_commands<L: Ledger>(
         .await
 }
 
+/// Handles one delivery in a span of the checkout's trace (its context comes
+/// in the message headers).
 async fn handle<L: Ledger>(broker: Arc<Broker>, ledger: Arc<L>, delivery: Delivery) {
+    let span = tracing::info_span!(
+        "participant.apply",
+        queue = %delivery.routing_key,
+        saga_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    crate::trace::follow(&span, delivery.properties.headers().as_ref());
+    apply(broker, ledger, delivery).instrument(span).await
+}
+
+async fn apply<L: Ledger>(broker: Arc<Broker>, ledger: Arc<L>, delivery: Delivery) {
     let batch = match Batch::<Command>::from_json(&delivery.data) {
         Ok(batch) => batch,
         Err(e) => {
@@ -68,6 +82,8 @@ async fn handle<L: Ledger>(broker: Arc<Broker>, ledger: Arc<L>, delivery: Delive
             return;
         }
     };
+    let sagas: Vec<String> = batch.items.iter().map(|c| c.saga_id.to_string()).collect();
+    tracing::Span::current().record("saga_id", sagas.join(","));
     let outcomes = futures::future::join_all(batch.items.iter().map(|c| ledger.apply(c))).await;
     let attempts = header_int(&delivery, ATTEMPTS_HEADER).unwrap_or(0) + 1;
     let mut replies = Vec::with_capacity(outcomes.len());

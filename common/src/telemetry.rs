@@ -1,4 +1,5 @@
-//! Logs (tracing) and metrics (Prometheus text via the `metrics` facade).
+//! Logs and traces (tracing, with the trace context of [`crate::trace`]) and
+//! metrics (Prometheus text via the `metrics` facade).
 //!
 //! Request metrics are recorded by one middleware, by route template rather
 //! than raw path, so `/find/{item_id}` is one series and not one per item.
@@ -9,20 +10,44 @@ use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-/// Installs the tracing subscriber; `LOG_FORMAT=json` for machine-read logs.
-pub fn init_logging() {
+/// Installs the tracing subscriber of `service`: logs (`LOG_FORMAT=json` for
+/// machine-read ones; every line inside a checkout carries its `order_id`,
+/// `saga_id` and `trace_id`) and trace context (exported over OTLP when
+/// configured, see [`crate::trace`]). Keep the returned guard for the life of
+/// the process: dropping it flushes the spans not exported yet.
+pub fn init_logging(service: &str) -> Telemetry {
     let filter = EnvFilter::try_new(crate::config::var("RUST_LOG").unwrap_or_default())
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let json = crate::config::var("LOG_FORMAT").as_deref() == Some("json");
-    // Tests call this more than once per process: only the first install counts.
-    let _ = if json {
-        builder.json().try_init()
+    let logs = if json {
+        tracing_subscriber::fmt::layer().json().boxed()
     } else {
-        builder.try_init()
+        tracing_subscriber::fmt::layer().boxed()
     };
+    let provider = crate::trace::provider(service);
+    // Tests call this more than once per process: only the first install counts.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(crate::trace::layer(&provider))
+        .try_init();
+    Telemetry { provider }
+}
+
+/// Flushes and stops trace export when dropped (end of `main`).
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown();
+    }
 }
 
 /// Installs the global metrics recorder (once per process) and returns the

@@ -57,7 +57,10 @@ pub fn build(
             QueueKind::Reply,
             settings.prefetch,
             move |delivery| {
-                replies.deliver(&delivery.data);
+                // The reply's span continues the participant's, in the checkout's trace.
+                let span = tracing::info_span!("saga.reply", trace_id = tracing::field::Empty);
+                common::trace::follow(&span, delivery.properties.headers().as_ref());
+                span.in_scope(|| replies.deliver(&delivery.data));
                 // Handed over (or nobody waits for it any more): done with it.
                 async move {
                     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {

@@ -6,7 +6,7 @@ use order::Queues;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    common::telemetry::init_logging();
+    let _telemetry = common::telemetry::init_logging("order");
     let settings = Settings::from_env(Service::Order)?;
     let order_settings = OrderSettings::from_env()?;
     tracing::info!(

@@ -57,6 +57,7 @@ use common::types::{OrderId, SagaId};
 use serde_json::json;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::orders::{Freeze, Order, Orders};
 use crate::replies::Replies;
@@ -170,12 +171,19 @@ impl Orchestrator {
         })
     }
 
-    /// `POST /checkout/{order_id}`.
+    /// `POST /checkout/{order_id}`: one span, the root of the checkout's
+    /// trace (its saga's steps and the participants' work are children of it).
+    #[tracing::instrument(
+        name = "checkout",
+        skip_all,
+        fields(order_id = %order_id, saga_id = tracing::field::Empty, trace_id = tracing::field::Empty)
+    )]
     pub async fn checkout(
         self: &Arc<Self>,
         order_id: &OrderId,
         idem: &IdemKey,
     ) -> Result<Answer, ApiError> {
+        common::trace::record_trace_id(&tracing::Span::current());
         let deadline = Instant::now() + self.routing.checkout_timeout;
         match self.sagas.recorded(idem).await? {
             Recorded::Answer(first) => return Ok(first),
@@ -210,6 +218,7 @@ impl Orchestrator {
                 total: order.total_cost,
                 idem: Some((idem.redis_key(), idem.ttl_secs())),
             };
+            tracing::Span::current().record("saga_id", tracing::field::display(saga.id));
             match self
                 .sagas
                 .begin(&saga, &self.routing.instance, self.routing.lease)
@@ -292,7 +301,8 @@ impl Orchestrator {
     ) -> Result<Answer, ApiError> {
         let (answer_tx, answer_rx) = oneshot::channel();
         let this = self.clone();
-        tokio::spawn(async move { this.run(saga, answer_tx).await });
+        // The saga outlives the request's wait, in the checkout's span.
+        tokio::spawn(async move { this.run(saga, answer_tx).await }.in_current_span());
         match tokio::time::timeout_at(deadline, answer_rx).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(ApiError::Unavailable(
@@ -552,6 +562,7 @@ impl Orchestrator {
     /// times. Participants apply a step once, so a duplicate only replays its
     /// outcome; the reply to either copy ends the step, and replies wait in
     /// the instance's durable reply queue while it reconnects.
+    #[tracing::instrument(name = "saga.step", skip(self, action), fields(saga_id = %saga, step = ?action.step()))]
     async fn step(&self, queue: &str, saga: SagaId, action: Action) -> StepResult {
         let step: Step = action.step();
         let timeout = self.routing.step_timeout;
@@ -623,8 +634,11 @@ impl Orchestrator {
 
     /// Finishes a saga whose owner died (its lease was just claimed by this
     /// instance), by the same rules: decide on the order first (the fence
-    /// wins unless the owner committed), then settle or compensate.
+    /// wins unless the owner committed), then settle or compensate. A trace
+    /// of its own: the owner's trace context is not kept with the saga.
+    #[tracing::instrument(name = "saga.recover", skip(self), fields(saga_id = %id, trace_id = tracing::field::Empty))]
     pub async fn recover(&self, id: SagaId) -> Result<(), ApiError> {
+        common::trace::record_trace_id(&tracing::Span::current());
         let _lease = self.leases.hold(id);
         // The scan may have seen the saga just before its owner finished it.
         if !self.sagas.is_active(id).await? {

@@ -5,7 +5,7 @@ use common::messages::PAYMENT_COMMANDS;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    common::telemetry::init_logging();
+    let _telemetry = common::telemetry::init_logging("payment");
     let settings = Settings::from_env(Service::Payment)?;
     tracing::info!(instance = %settings.instance_id, redis = %settings.redis, "payment service starting");
     let app = payment::build(&settings, PAYMENT_COMMANDS)?;

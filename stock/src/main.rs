@@ -5,7 +5,7 @@ use common::messages::STOCK_COMMANDS;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    common::telemetry::init_logging();
+    let _telemetry = common::telemetry::init_logging("stock");
     let settings = Settings::from_env(Service::Stock)?;
     tracing::info!(instance = %settings.instance_id, redis = %settings.redis, "stock service starting");
     let app = stock::build(&settings, STOCK_COMMANDS)?;
