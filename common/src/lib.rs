@@ -10,6 +10,7 @@ pub mod http;
 pub mod idempotency;
 pub mod keylock;
 pub mod messages;
+pub mod openapi;
 pub mod participant;
 pub mod redis_store;
 pub mod service;

@@ -5,6 +5,7 @@
 //! [`saga_store`] are its two stores, [`replies`] routes participants'
 //! answers back to the waiting checkout.
 
+pub mod openapi;
 pub mod orders;
 pub mod replies;
 pub mod routes;

@@ -1,18 +1,25 @@
 //! The order HTTP API (see API.md): every number in a path is parsed here,
 //! so bad input is refused before anything touches a store. Every POST takes
 //! its idempotency key ([`IdemKey`]) and answers a repeat with the first answer.
+//!
+//! Each route is declared once, with its entry in the OpenAPI document
+//! (`#[utoipa::path]`, collected by `routes!`): see [`crate::openapi`].
 
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use common::error::ApiError;
 use common::idempotency::{self, Answer, IdemKey};
+use common::openapi::PositiveAmountParam;
+use common::openapi::{AmountParam, BatchDone, BatchSizeParam, ErrorBody, IdParam};
 use common::types::{parse_batch_size, Amount, ItemId, OrderId, UserId};
 
+use crate::openapi::{CheckedOut, OrderCreated, OrderView};
 use crate::orders::{under_checkout, Order};
 use crate::saga::{Hold, Orchestrator};
 use crate::stock_client::StockClient;
@@ -24,17 +31,21 @@ pub struct AppState {
     pub stock: StockClient,
 }
 
+/// The business routes, each with its OpenAPI operation.
+pub fn api() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::new()
+        .routes(routes!(create))
+        .routes(routes!(batch_init))
+        .routes(routes!(find))
+        .routes(routes!(add_item))
+        .routes(routes!(checkout))
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/create/{user_id}", post(create))
-        .route(
-            "/batch_init/{n}/{n_items}/{n_users}/{item_price}",
-            post(batch_init),
-        )
-        .route("/find/{order_id}", get(find))
-        .route("/addItem/{order_id}/{item_id}/{quantity}", post(add_item))
-        .route("/checkout/{order_id}", post(checkout))
+    let (business, _) = api().split_for_parts();
+    business
         .with_state(state)
+        .merge(common::openapi::serve(&crate::openapi::document()))
 }
 
 fn view(id: &OrderId, order: &Order) -> Value {
@@ -47,6 +58,13 @@ fn view(id: &OrderId, order: &Order) -> Value {
     })
 }
 
+#[utoipa::path(post, path = "/create/{user_id}", tag = "order",
+    summary = "Create an order for a user: unpaid, no items, total 0",
+    params(("user_id" = IdParam, Path)),
+    responses(
+        (status = 200, description = "created", body = OrderCreated),
+        (status = 400, description = "malformed user id or Idempotency-Key", body = ErrorBody),
+    ))]
 async fn create(
     State(s): State<Arc<AppState>>,
     idem: IdemKey,
@@ -56,6 +74,19 @@ async fn create(
     s.saga.orders.create(user, &idem).await
 }
 
+#[utoipa::path(post, path = "/batch_init/{n}/{n_items}/{n_users}/{item_price}", tag = "order",
+    summary = "Create (overwrite) orders \"0\"..\"n-1\", each for a random user in \
+        0..n_users with two random items in 0..n_items of quantity 1",
+    params(
+        ("n" = BatchSizeParam, Path),
+        ("n_items" = BatchSizeParam, Path, description = "at least 1 when n is"),
+        ("n_users" = BatchSizeParam, Path, description = "at least 1 when n is"),
+        ("item_price" = AmountParam, Path),
+    ),
+    responses(
+        (status = 200, description = "done", body = BatchDone),
+        (status = 400, description = "bad numbers or Idempotency-Key", body = ErrorBody),
+    ))]
 async fn batch_init(
     State(s): State<Arc<AppState>>,
     idem: IdemKey,
@@ -75,12 +106,35 @@ async fn batch_init(
     .await
 }
 
+#[utoipa::path(get, path = "/find/{order_id}", tag = "order",
+    summary = "An order",
+    params(("order_id" = IdParam, Path)),
+    responses(
+        (status = 200, description = "the order", body = OrderView),
+        (status = 400, description = "malformed id", body = ErrorBody),
+        (status = 404, description = "no such order", body = ErrorBody),
+    ))]
 async fn find(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<Value>> {
     let id = OrderId::parse(&id)?;
     let order = s.saga.orders.find(&id).await?;
     Ok(Json(view(&id, &order)))
 }
 
+#[utoipa::path(post, path = "/addItem/{order_id}/{item_id}/{quantity}", tag = "order",
+    summary = "Add an item: its current price times quantity is added to total_cost",
+    params(
+        ("order_id" = IdParam, Path),
+        ("item_id" = IdParam, Path),
+        ("quantity" = PositiveAmountParam, Path),
+    ),
+    responses(
+        (status = 200, description = "the order", body = OrderView),
+        (status = 400, description = "bad input, the order is already paid, or its total \
+            would overflow", body = ErrorBody),
+        (status = 404, description = "no such order, or no such item", body = ErrorBody),
+        (status = 409, description = "a checkout of the order is in flight (nothing written)",
+            body = ErrorBody),
+    ))]
 async fn add_item(
     State(s): State<Arc<AppState>>,
     idem: IdemKey,
@@ -119,6 +173,17 @@ async fn add_item(
         .await
 }
 
+#[utoipa::path(post, path = "/checkout/{order_id}", tag = "order",
+    summary = "Check the order out: take stock for every item and charge total_cost, all or \
+        nothing",
+    params(("order_id" = IdParam, Path)),
+    responses(
+        (status = 200, description = "paid (also when it already was: charged once)",
+            body = CheckedOut),
+        (status = 400, description = "refused: not enough stock or credit (nothing stayed \
+            taken), or malformed id", body = ErrorBody),
+        (status = 404, description = "no such order", body = ErrorBody),
+    ))]
 async fn checkout(
     State(s): State<Arc<AppState>>,
     idem: IdemKey,

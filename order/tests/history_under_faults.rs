@@ -22,19 +22,17 @@
 //! `TEST_AMQP_URL` or a private node. Needs `python3` with `test/requirements.txt` and nginx:
 //! without them the test fails, it does not skip.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::config::{OrderSettings, QueueType, Service, Settings, StepOrder};
-use common::redis_store::RedisTarget;
+use common::config::StepOrder;
 use xtask::faultproxy::Mode;
-use xtask::gateway;
-use xtask::{free_port, proc, FaultProxy, RedisServer, ScratchDir};
+use xtask::{free_port, FaultProxy, RedisServer, ScratchDir};
 
 mod support;
-use support::{amqp_port, amqp_via, test_broker};
+use support::{amqp_port, amqp_via, gateway_fleet, repo_root, test_broker, InstanceLinks, Options};
 
 const INSTANCES: usize = 2;
 
@@ -43,46 +41,6 @@ struct Links {
     name: String,
     redis: FaultProxy,
     broker: FaultProxy,
-}
-
-/// nginx, stopped when dropped.
-struct Nginx(u32);
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = proc::terminate(self.0, None, Duration::from_secs(5));
-    }
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the order crate sits in the workspace")
-        .to_path_buf()
-}
-
-fn port_of(url: &str) -> u16 {
-    reqwest::Url::parse(url)
-        .ok()
-        .and_then(|u| u.port())
-        .expect("an http url with a port")
-}
-
-fn settings(service: Service, links: &Links, redis_port: u16, db: u8, amqp: &str) -> Settings {
-    Settings {
-        service,
-        bind_addr: "127.0.0.1:0".into(),
-        // Unique: the broker may be shared with a running fleet whose order instances own
-        // exclusive reply queues named after theirs ("order-1", ...).
-        instance_id: format!("{}-test-{}", links.name, uuid::Uuid::new_v4().simple()),
-        redis: RedisTarget::Direct {
-            url: format!("redis://127.0.0.1:{redis_port}/{db}"),
-        },
-        wait_timeout: Duration::from_millis(10),
-        amqp_url: amqp.to_string(),
-        queue_type: QueueType::Classic,
-        prefetch: 64,
-    }
 }
 
 /// SplitMix64: a seeded schedule without a dependency; quality is not the point.
@@ -212,80 +170,30 @@ async fn random_history_under_link_faults() {
     let dir = ScratchDir::new("history-faults").unwrap();
     let redis = RedisServer::start(dir.path().join("redis"), free_port(), None, None).unwrap();
 
-    let tag = uuid::Uuid::new_v4().simple().to_string();
-    let stock_queue = format!("test.{tag}.stock");
-    let payment_queue = format!("test.{tag}.payment");
+    // Every link of every instance goes through a fault proxy of its own.
     let mut links = Vec::new();
-    let mut upstreams: Vec<(String, Vec<u16>)> = Vec::new();
-    let mut stock_url = String::new();
-    for service in [Service::Stock, Service::Payment, Service::Order] {
-        let mut ports = Vec::new();
-        for n in 1..=INSTANCES {
-            let l = Links {
-                name: format!("{}-{n}", service.name()),
-                redis: FaultProxy::start(redis.port()).unwrap(),
-                broker: FaultProxy::start(amqp_port(&amqp)).unwrap(),
-            };
-            let broker_url = amqp_via(&amqp, l.broker.port());
-            let url = match service {
-                Service::Stock => {
-                    let s = settings(service, &l, l.redis.port(), 1, &broker_url);
-                    stock::build(&s, &stock_queue).unwrap().spawn().await
-                }
-                Service::Payment => {
-                    let s = settings(service, &l, l.redis.port(), 2, &broker_url);
-                    payment::build(&s, &payment_queue).unwrap().spawn().await
-                }
-                Service::Order => {
-                    let s = settings(service, &l, l.redis.port(), 3, &broker_url);
-                    let order_settings = OrderSettings {
-                        saga_redis: RedisTarget::Direct {
-                            url: format!("redis://127.0.0.1:{}/4", l.redis.port()),
-                        },
-                        step_order: StepOrder::Sequential,
-                        stock_url: stock_url.clone(),
-                        step_timeout: Duration::from_secs(3),
-                        checkout_timeout: Duration::from_secs(10),
-                        saga_lease: Duration::from_secs(2),
-                    };
-                    let queues = order::Queues {
-                        stock: stock_queue.clone(),
-                        payment: payment_queue.clone(),
-                    };
-                    order::build(&s, &order_settings, queues)
-                        .unwrap()
-                        .spawn()
-                        .await
-                }
-            };
-            if service == Service::Stock && stock_url.is_empty() {
-                stock_url = url.clone();
-            }
-            ports.push(port_of(&url));
-            links.push(l);
-        }
-        upstreams.push((service.name().to_string(), ports));
-    }
-
+    let options = Options {
+        step_order: StepOrder::Sequential,
+        step_timeout: Duration::from_secs(3),
+        checkout_timeout: Duration::from_secs(10),
+        saga_lease: Duration::from_secs(2),
+    };
+    let fleet = gateway_fleet(dir.path(), INSTANCES, &options, |name| {
+        let l = Links {
+            name: name.to_string(),
+            redis: FaultProxy::start(redis.port()).unwrap(),
+            broker: FaultProxy::start(amqp_port(&amqp)).unwrap(),
+        };
+        let instance = InstanceLinks {
+            redis: format!("redis://127.0.0.1:{}", l.redis.port()),
+            amqp: amqp_via(&amqp, l.broker.port()),
+        };
+        links.push(l);
+        instance
+    })
+    .await;
+    let gateway_url = fleet.url.clone();
     let root = repo_root();
-    let gateway_port = free_port();
-    let started = gateway::start(
-        &root,
-        dir.path(),
-        &gateway::Params {
-            bind_host: "127.0.0.1".into(),
-            port: gateway_port,
-            prefix: dir.path().join("nginx"),
-            log_dir: dir.path().join("logs"),
-            run_as_root: proc::is_root(),
-            nofile: 4096,
-            upstreams,
-        },
-    )
-    .expect("start the nginx gateway");
-    let _nginx = Nginx(started.pid);
-    let gateway_url = format!("http://127.0.0.1:{gateway_port}");
-    wait_ready(&gateway_url).await;
 
     let seed: u64 = match std::env::var("HISTORY_SEED") {
         Ok(s) => s.parse().expect("HISTORY_SEED is a number"),
@@ -337,25 +245,4 @@ async fn random_history_under_link_faults() {
         total >= 5,
         "only {total} faults were injected: the history did not run under faults ({injected:?})"
     );
-}
-
-/// Every service answers `/ready` through the gateway.
-async fn wait_ready(gateway: &str) {
-    let http = reqwest::Client::new();
-    for prefix in ["stock", "payment", "orders"] {
-        let url = format!("{gateway}/{prefix}/ready");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let ok = http
-                .get(&url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            if ok {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{url} never became ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
 }

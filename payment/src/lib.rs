@@ -4,6 +4,7 @@
 //! Read top-down: `main.rs` wires it, [`routes`] is the HTTP API,
 //! [`users`] is the store logic.
 
+pub mod openapi;
 pub mod routes;
 pub mod users;
 

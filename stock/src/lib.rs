@@ -5,6 +5,7 @@
 //! [`items`] is the store logic.
 
 pub mod items;
+pub mod openapi;
 pub mod routes;
 
 use common::config::Settings;

@@ -6,17 +6,21 @@
 //! fleet sharing the broker) never see each other's messages. Every link of
 //! a service to its store or to the broker is an address in [`Endpoints`],
 //! so a test can put a `FaultProxy` on any of them.
+//!
+//! [`gateway_fleet`] is the other shape: several instances of each app behind
+//! the real nginx gateway (`xtask::gateway`), each instance with links of its own.
 
 // Each test file uses its own part of the harness.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::config::{OrderSettings, QueueType, Service, Settings, StepOrder};
 use common::redis_store::{RedisTarget, Store};
 use serde_json::Value;
-use xtask::{free_port, RabbitNode, RedisServer, ScratchDir};
+use xtask::{free_port, gateway, proc, RabbitNode, RedisServer, ScratchDir};
 
 /// The broker of a test run: `TEST_AMQP_URL` (`cargo xtask test` points it
 /// at the fleet's node), else a private node started for the run and stopped
@@ -372,4 +376,144 @@ pub async fn active_sagas(f: &Fleet, set: &str) -> Vec<String> {
         .query_async(&mut db)
         .await
         .unwrap()
+}
+
+/// The workspace root (where `gateway/`, `test/` live).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the order crate sits in the workspace")
+        .to_path_buf()
+}
+
+/// nginx, stopped when dropped.
+pub struct Nginx(u32);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = proc::terminate(self.0, None, Duration::from_secs(5));
+    }
+}
+
+/// Where one service instance reaches its store and the broker: a Redis base URL
+/// (`redis://127.0.0.1:<port>`, the database is added per store) and an AMQP URL.
+pub struct InstanceLinks {
+    pub redis: String,
+    pub amqp: String,
+}
+
+/// Instances of each service behind the real nginx gateway.
+pub struct GatewayFleet {
+    /// `http://127.0.0.1:<port>` of the gateway.
+    pub url: String,
+    _nginx: Nginx,
+}
+
+fn port_of(url: &str) -> u16 {
+    reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| u.port())
+        .expect("an http url with a port")
+}
+
+/// Starts `instances` instances of stock, payment and order (in that order), each wired by
+/// `links(name)` (`name` is `stock-1`, `stock-2`, ..., `order-2`), with queue names of their
+/// own and the saga settings of `options`; puts nginx in front of them, with its files in
+/// `dir`, and waits until every service answers `/ready` through it. The order instances ask
+/// the first stock instance for prices.
+pub async fn gateway_fleet(
+    dir: &Path,
+    instances: usize,
+    options: &Options,
+    mut links: impl FnMut(&str) -> InstanceLinks,
+) -> GatewayFleet {
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let stock_queue = format!("test.{tag}.stock");
+    let payment_queue = format!("test.{tag}.payment");
+    let mut upstreams: Vec<(String, Vec<u16>)> = Vec::new();
+    let mut stock_url = String::new();
+    for service in [Service::Stock, Service::Payment, Service::Order] {
+        let mut ports = Vec::new();
+        for n in 1..=instances {
+            let l = links(&format!("{}-{n}", service.name()));
+            let url = match service {
+                Service::Stock => {
+                    let s = settings(service, &l.redis, STOCK_DB, &l.amqp);
+                    stock::build(&s, &stock_queue).unwrap().spawn().await
+                }
+                Service::Payment => {
+                    let s = settings(service, &l.redis, PAYMENT_DB, &l.amqp);
+                    payment::build(&s, &payment_queue).unwrap().spawn().await
+                }
+                Service::Order => {
+                    let s = settings(service, &l.redis, ORDER_DB, &l.amqp);
+                    let order_settings = OrderSettings {
+                        saga_redis: RedisTarget::Direct {
+                            url: format!("{}/{SAGA_DB}", l.redis),
+                        },
+                        step_order: options.step_order,
+                        stock_url: stock_url.clone(),
+                        step_timeout: options.step_timeout,
+                        checkout_timeout: options.checkout_timeout,
+                        saga_lease: options.saga_lease,
+                    };
+                    let queues = order::Queues {
+                        stock: stock_queue.clone(),
+                        payment: payment_queue.clone(),
+                    };
+                    order::build(&s, &order_settings, queues)
+                        .unwrap()
+                        .spawn()
+                        .await
+                }
+            };
+            if service == Service::Stock && stock_url.is_empty() {
+                stock_url = url.clone();
+            }
+            ports.push(port_of(&url));
+        }
+        upstreams.push((service.name().to_string(), ports));
+    }
+    let port = free_port();
+    let started = gateway::start(
+        &repo_root(),
+        dir,
+        &gateway::Params {
+            bind_host: "127.0.0.1".into(),
+            port,
+            prefix: dir.join("nginx"),
+            log_dir: dir.join("logs"),
+            run_as_root: proc::is_root(),
+            nofile: 4096,
+            upstreams,
+        },
+    )
+    .expect("start the nginx gateway (apt-get install nginx)");
+    let fleet = GatewayFleet {
+        url: format!("http://127.0.0.1:{port}"),
+        _nginx: Nginx(started.pid),
+    };
+    wait_ready_through(&fleet.url).await;
+    fleet
+}
+
+/// Every service answers `/ready` through the gateway.
+async fn wait_ready_through(gateway: &str) {
+    let http = reqwest::Client::new();
+    for prefix in ["stock", "payment", "orders"] {
+        let url = format!("{gateway}/{prefix}/ready");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = http
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{url} never became ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
