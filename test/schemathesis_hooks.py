@@ -20,8 +20,9 @@ Client-visible means: `item:<id>` and `user:<id>` hashes without `held` (what sa
 hold until they settle, asynchronously), `order:<id>` JSON without `checkout` (a
 checkout's freeze, lifted before it answers); any other key whole. Left out on purpose:
 `idem:*` (a refusal decided from the stored state is recorded so a repeat gets the same
-answer: the contract), `itemsaga:*` / `usersaga:*` (per-saga step records and tombstones)
-and `durability:mark`. The saga store is not watched (a refused checkout logs its saga).
+answer: the contract), `itemsaga:*` / `usersaga:*` (per-saga step records and tombstones),
+`outbox:*` (a refused checkout's `order.checkout_failed` event, written with its decision and
+relayed to the broker) and `durability:mark`. The saga store is not watched (a refused checkout logs its saga).
 
 Also `before_call`: a `batch_init` size between `BATCH_CAP` and the documented maximum
 (10 000 000) is brought below `BATCH_CAP`, so the run writes thousands of keys, not
@@ -47,7 +48,7 @@ import schemathesis
 MAX_BATCH = 10_000_000
 BATCH_CAP = int(os.environ.get("BATCH_CAP", "50"))
 
-IGNORED_PREFIXES = ("idem:", "itemsaga:", "usersaga:", "durability:mark")
+IGNORED_PREFIXES = ("idem:", "itemsaga:", "usersaga:", "outbox:", "durability:mark")
 IGNORED_HASH_FIELDS = {"held"}
 IGNORED_ORDER_FIELDS = {"checkout"}
 

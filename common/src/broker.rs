@@ -6,7 +6,7 @@
 //! every caller awaits only its own confirm, so many publishes are in flight
 //! on the shared channel at once (the broker is the scarce resource).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,17 +15,22 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
+    ExchangeDeclareOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::Confirmation;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
 
 use crate::config::QueueType;
 
 /// Where poison messages end up (bound through the default exchange).
 pub const DEAD_LETTER_QUEUE: &str = "dead-letters";
+
+/// Deliveries of one message a quorum command queue allows: a message given back
+/// (nack with requeue) more often is dead-lettered by the broker itself
+/// (`x-death` reason `delivery_limit`; the participant counts it as it gives it back).
+pub const DELIVERY_LIMIT: i32 = 20;
 
 /// Bound on a whole (re)connect to the broker.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -92,6 +97,8 @@ pub struct Broker {
     /// Connections made so far: a change tells a waiting caller that the
     /// connection it sent on was lost meanwhile.
     generation: AtomicU64,
+    /// Exchanges declared, by the connection generation they were declared on.
+    declared_exchanges: std::sync::Mutex<HashSet<(String, u64)>>,
 }
 
 impl Broker {
@@ -104,6 +111,7 @@ impl Broker {
             live: Mutex::new(None),
             consumers: std::sync::Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
+            declared_exchanges: std::sync::Mutex::new(HashSet::new()),
         })
     }
 
@@ -223,39 +231,56 @@ impl Broker {
         self.publish_with(queue, body, properties).await
     }
 
-    /// Publishes with the given properties (persistent ones: see [`persistent_json`]).
-    /// The message carries the current span's trace context in its headers
-    /// unless they carry one already (a retry copy keeps its original's).
+    /// Publishes with the given properties (persistent ones: see [`persistent_json`])
+    /// and the current trace context.
     pub async fn publish_with(
         &self,
         queue: &str,
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), BrokerError> {
-        let mut headers = properties.headers().clone().unwrap_or_default();
-        if !headers.inner().contains_key(crate::trace::TRACEPARENT) {
-            crate::trace::inject_current(&mut headers);
-        }
-        let properties = properties.with_headers(headers);
         let channel = self.publisher().await?;
-        let confirm = async {
+        publish_confirmed(&channel, "", queue, body, properties).await
+    }
+
+    /// Publishes one persistent event to the durable topic `exchange`
+    /// (declared on first use on each connection) under `routing_key`, with
+    /// `message_id` for consumers' dedupe, and waits for the confirm.
+    pub async fn publish_event(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message_id: &str,
+        body: &[u8],
+    ) -> Result<(), BrokerError> {
+        let channel = self.publisher().await?;
+        let generation = self.generation();
+        let declared = self
+            .declared_exchanges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&(exchange.to_string(), generation));
+        if !declared {
             channel
-                .basic_publish(
-                    ShortString::from(""),
-                    ShortString::from(queue),
-                    BasicPublishOptions::default(),
-                    body,
-                    properties,
+                .exchange_declare(
+                    ShortString::from(exchange),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
                 )
-                .await?
-                .await
-        };
-        match tokio::time::timeout(Duration::from_secs(10), confirm).await {
-            Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
-            Ok(Ok(Confirmation::Nack(_))) => Err(BrokerError::Nacked),
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(BrokerError::Unavailable("publish confirm timed out".into())),
+                .await?;
+            let mut known = self
+                .declared_exchanges
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            known.retain(|(_, g)| *g == generation);
+            known.insert((exchange.to_string(), generation));
         }
+        let properties = persistent_json().with_message_id(ShortString::from(message_id));
+        publish_confirmed(&channel, exchange, routing_key, body, properties).await
     }
 
     /// [`Broker::publish`], retried with backoff (reconnecting) for up to `budget`.
@@ -352,6 +377,41 @@ impl Broker {
     }
 }
 
+/// One persistent publish through the confirm-mode `channel`, waiting for its
+/// confirm. The message carries the current span's trace context in its
+/// headers unless they carry one already (a retry copy keeps its original's).
+async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), BrokerError> {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    if !headers.inner().contains_key(crate::trace::TRACEPARENT) {
+        crate::trace::inject_current(&mut headers);
+    }
+    let properties = properties.with_headers(headers);
+    let confirm = async {
+        channel
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(routing_key),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await?
+            .await
+    };
+    match tokio::time::timeout(Duration::from_secs(10), confirm).await {
+        Ok(Ok(Confirmation::Ack(_) | Confirmation::NotRequested)) => Ok(()),
+        Ok(Ok(Confirmation::Nack(_))) => Err(BrokerError::Nacked),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(BrokerError::Unavailable("publish confirm timed out".into())),
+    }
+}
+
 async fn declare(
     channel: &Channel,
     queue: &str,
@@ -381,7 +441,7 @@ async fn declare(
                     // A message that keeps failing is dead-lettered rather than looping forever.
                     args.insert(
                         ShortString::from("x-delivery-limit"),
-                        AMQPValue::LongInt(20),
+                        AMQPValue::LongInt(DELIVERY_LIMIT),
                     );
                 }
             }

@@ -7,6 +7,7 @@
 
 pub mod openapi;
 pub mod orders;
+pub mod outbox;
 pub mod replies;
 pub mod routes;
 pub mod saga;
@@ -71,8 +72,16 @@ pub fn build(
             },
         )
     });
+    let orders = Arc::new(Orders::new(order_store.clone()));
+    // Domain events leave through the outbox the decisions write to.
+    tokio::spawn(outbox::relay_forever(
+        order_store.clone(),
+        broker.clone(),
+        settings.instance_id.clone(),
+        orders.relay_wake(),
+    ));
     let orchestrator = Arc::new(Orchestrator::new(
-        Arc::new(Orders::new(order_store.clone())),
+        orders,
         SagaStore::new(saga_store.clone()),
         broker.clone(),
         replies,

@@ -30,6 +30,8 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::outbox::{self, Event, EventType};
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Order {
     pub user_id: UserId,
@@ -94,6 +96,8 @@ impl Order {
 pub struct Orders {
     store: Arc<Store>,
     locks: KeyLocks,
+    /// Told when a decision appended an event to the outbox.
+    relay: Arc<outbox::Wake>,
 }
 
 fn key(id: &OrderId) -> String {
@@ -119,7 +123,13 @@ impl Orders {
         Self {
             store,
             locks: KeyLocks::default(),
+            relay: Arc::default(),
         }
+    }
+
+    /// What wakes the outbox relay of this instance (see [`outbox::relay_forever`]).
+    pub fn relay_wake(&self) -> Arc<outbox::Wake> {
+        self.relay.clone()
     }
 
     /// Creates an empty order, once per idempotency key.
@@ -220,6 +230,19 @@ impl Orders {
         id: &OrderId,
         change: impl Fn(Option<Order>) -> (Option<Order>, T),
     ) -> Result<T, StoreError> {
+        self.update_announcing(id, change, None).await
+    }
+
+    /// [`Self::update`] for a checkout's decision: when `change` writes, the
+    /// event `announce` names (built from the order it writes) is appended to
+    /// the outbox in the same transaction. A change that writes nothing (a
+    /// repeat, finding the decision made) announces nothing.
+    async fn update_announcing<T>(
+        &self,
+        id: &OrderId,
+        change: impl Fn(Option<Order>) -> (Option<Order>, T),
+        announce: Option<(EventType, SagaId)>,
+    ) -> Result<T, StoreError> {
         let key = key(id);
         let _guard = self.locks.lock([key.as_str()]).await;
         let (key, change) = (&key, &change);
@@ -232,6 +255,10 @@ impl Orders {
                         (Some(new), value) => {
                             let mut writes = redis::pipe();
                             writes.set(key, encode(&new)).ignore();
+                            if let Some((event_type, saga)) = announce {
+                                Event::new(event_type, id, saga, &new.user_id, new.total_cost)
+                                    .append_to(&mut writes);
+                            }
                             Tx::Commit(writes, value)
                         }
                     })
@@ -240,6 +267,11 @@ impl Orders {
                 (conn, decision)
             })
             .await
+            .inspect(|_| {
+                if announce.is_some() {
+                    self.relay.event_added();
+                }
+            })
     }
 
     /// `addItem`: adds an item at `price` each, once per idempotency key;
@@ -335,36 +367,46 @@ impl Orders {
     /// `saga` still holds it. True when the order is paid by `saga` now
     /// (also on a repeat).
     pub async fn commit(&self, id: &OrderId, saga: SagaId) -> Result<bool, StoreError> {
-        self.update(id, |order| match order {
-            Some(o) if o.paid_by == Some(saga) => (None, true),
-            Some(o) if o.checkout == Some(saga) => (
-                Some(Order {
-                    paid: true,
-                    paid_by: Some(saga),
-                    checkout: None,
-                    ..o
-                }),
-                true,
-            ),
-            _ => (None, false),
-        })
+        let announce = Some((EventType::Paid, saga));
+        self.update_announcing(
+            id,
+            |order| match order {
+                Some(o) if o.paid_by == Some(saga) => (None, true),
+                Some(o) if o.checkout == Some(saga) => (
+                    Some(Order {
+                        paid: true,
+                        paid_by: Some(saga),
+                        checkout: None,
+                        ..o
+                    }),
+                    true,
+                ),
+                _ => (None, false),
+            },
+            announce,
+        )
         .await
     }
 
     /// The abort point: takes `saga`'s hold off the order, so it can never
     /// commit. True if it had committed already (then nothing changes).
     pub async fn fence(&self, id: &OrderId, saga: SagaId) -> Result<bool, StoreError> {
-        self.update(id, |order| match order {
-            Some(o) if o.paid_by == Some(saga) => (None, true),
-            Some(o) if o.checkout == Some(saga) => (
-                Some(Order {
-                    checkout: None,
-                    ..o
-                }),
-                false,
-            ),
-            _ => (None, false),
-        })
+        let announce = Some((EventType::CheckoutFailed, saga));
+        self.update_announcing(
+            id,
+            |order| match order {
+                Some(o) if o.paid_by == Some(saga) => (None, true),
+                Some(o) if o.checkout == Some(saga) => (
+                    Some(Order {
+                        checkout: None,
+                        ..o
+                    }),
+                    false,
+                ),
+                _ => (None, false),
+            },
+            announce,
+        )
         .await
     }
 }

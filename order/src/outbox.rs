@@ -1,0 +1,296 @@
+//! Domain events for downstream consumers, through a transactional outbox.
+//!
+//! A checkout's decision is taken on the order (`Orders::commit` marks it
+//! paid, `Orders::fence` takes the saga's hold off it). The event that tells
+//! the world (`order.paid`, `order.checkout_failed`) is appended to the
+//! outbox stream ([`OUTBOX`], a Redis stream in the order store) in the same
+//! MULTI/EXEC as that change: there is no decision without its event, even if
+//! the process dies right after, and no event without its decision (a retry
+//! after a lost EXEC reply finds the decision made and appends nothing).
+//!
+//! The relay ([`relay_forever`], one per order instance) moves events from the
+//! stream to the topic exchange [`EVENTS_EXCHANGE`] (routing key = event
+//! type), persistent and publisher-confirmed, and only then acknowledges and
+//! deletes them. The instances share the stream through one consumer group:
+//! each event goes to one relay; one that died holding events loses them to
+//! another after [`CLAIM_IDLE`]. Delivery is therefore at least once: each
+//! event carries a stable `event_id` (also the AMQP `message_id`), and
+//! consumers drop repeats by it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::broker::Broker;
+use common::redis_store::{Store, StoreError};
+use common::types::{Amount, OrderId, SagaId, UserId};
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+/// The outbox stream in the order store.
+pub const OUTBOX: &str = "outbox:order-events";
+/// The relays' consumer group on [`OUTBOX`].
+const GROUP: &str = "relay";
+/// The topic exchange events are published to.
+pub const EVENTS_EXCHANGE: &str = "order.events";
+/// An event read by a relay that has not acknowledged it for this long is
+/// taken over by another (its relay is presumed dead).
+pub const CLAIM_IDLE: Duration = Duration::from_secs(10);
+/// Lifetime of the stream key, renewed whenever events are added or relayed:
+/// it only lapses if no order instance ran for that long.
+const OUTBOX_TTL_SECS: i64 = 30 * 24 * 3600;
+/// Events moved per round trip.
+const BATCH: usize = 256;
+/// How often a relay looks for events when nothing woke it.
+const POLL: Duration = Duration::from_millis(500);
+
+/// What kind of event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventType {
+    #[serde(rename = "order.paid")]
+    Paid,
+    #[serde(rename = "order.checkout_failed")]
+    CheckoutFailed,
+}
+
+impl EventType {
+    /// The routing key, and the `type` of the event.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventType::Paid => "order.paid",
+            EventType::CheckoutFailed => "order.checkout_failed",
+        }
+    }
+}
+
+/// One domain event, as published (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Stable across redeliveries: `<saga_id>:<type>` (a saga decides once).
+    pub event_id: String,
+    #[serde(rename = "type")]
+    pub event_type: EventType,
+    pub order_id: OrderId,
+    pub saga_id: SagaId,
+    pub user_id: UserId,
+    pub total_cost: Amount,
+    /// Unix time (ms) of the decision.
+    pub occurred_at_ms: u64,
+}
+
+impl Event {
+    pub fn new(
+        event_type: EventType,
+        order_id: &OrderId,
+        saga_id: SagaId,
+        user_id: &UserId,
+        total_cost: Amount,
+    ) -> Self {
+        Event {
+            event_id: format!("{saga_id}:{}", event_type.name()),
+            event_type,
+            order_id: order_id.clone(),
+            saga_id,
+            user_id: user_id.clone(),
+            total_cost,
+            occurred_at_ms: common::now_ms(),
+        }
+    }
+
+    /// Adds the commands that append this event to the outbox to `writes`
+    /// (the decision's own transaction).
+    pub fn append_to(&self, writes: &mut redis::Pipeline) {
+        let body = serde_json::to_string(self).expect("an event serialises");
+        writes
+            .cmd("XADD")
+            .arg(OUTBOX)
+            .arg("*")
+            .arg("event")
+            .arg(body)
+            .ignore()
+            .expire(OUTBOX, OUTBOX_TTL_SECS)
+            .ignore();
+    }
+}
+
+/// Wakes the relay of this instance when a decision appended an event.
+#[derive(Default)]
+pub struct Wake(Notify);
+
+impl Wake {
+    pub fn event_added(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// Relays events from the outbox to the broker for the life of the process.
+pub async fn relay_forever(
+    store: Arc<Store>,
+    broker: Arc<Broker>,
+    consumer: String,
+    wake: Arc<Wake>,
+) {
+    loop {
+        match relay_once(&store, &broker, &consumer).await {
+            // A full batch: there may be more right away.
+            Ok(n) if n == BATCH => continue,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "outbox relay failed; trying again"),
+        }
+        let _ = tokio::time::timeout(POLL, wake.0.notified()).await;
+    }
+}
+
+/// One pass: take over events a dead relay left, read new ones, publish
+/// them, then acknowledge and delete them. Returns how many were relayed.
+pub async fn relay_once(
+    store: &Store,
+    broker: &Broker,
+    consumer: &str,
+) -> Result<usize, RelayError> {
+    ensure_group(store).await?;
+    let claimed: StreamAutoClaimReply = store
+        .query(
+            redis::cmd("XAUTOCLAIM")
+                .arg(OUTBOX)
+                .arg(GROUP)
+                .arg(consumer)
+                .arg(CLAIM_IDLE.as_millis() as u64)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(BATCH),
+        )
+        .await?;
+    let mut entries = claimed.claimed;
+    if entries.len() < BATCH {
+        let read: StreamReadReply = store
+            .query(
+                redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(GROUP)
+                    .arg(consumer)
+                    .arg("COUNT")
+                    .arg(BATCH - entries.len())
+                    .arg("STREAMS")
+                    .arg(OUTBOX)
+                    .arg(">"),
+            )
+            .await?;
+        entries.extend(read.keys.into_iter().flat_map(|k| k.ids));
+    }
+    if entries.is_empty() {
+        return Ok(0);
+    }
+    let mut done = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        match decode(entry) {
+            Some(event) => {
+                let body = serde_json::to_vec(&event).expect("an event serialises");
+                broker
+                    .publish_event(
+                        EVENTS_EXCHANGE,
+                        event.event_type.name(),
+                        &event.event_id,
+                        &body,
+                    )
+                    .await
+                    .map_err(|e| RelayError::Broker(e.to_string()))?;
+                metrics::counter!("outbox_events_relayed_total", "type" => event.event_type.name())
+                    .increment(1);
+            }
+            None => {
+                tracing::error!(id = %entry.id, "undecodable outbox entry dropped");
+                metrics::counter!("outbox_events_dropped_total").increment(1);
+            }
+        }
+        done.push(entry.id.clone());
+    }
+    let mut writes = redis::pipe();
+    writes
+        .cmd("XACK")
+        .arg(OUTBOX)
+        .arg(GROUP)
+        .arg(&done)
+        .ignore()
+        .cmd("XDEL")
+        .arg(OUTBOX)
+        .arg(&done)
+        .ignore()
+        .expire(OUTBOX, OUTBOX_TTL_SECS)
+        .ignore();
+    // Lost here (a failover before a replica had it), the events are published
+    // again: consumers drop repeats by event id.
+    store.write(&writes).await?;
+    Ok(done.len())
+}
+
+fn decode(entry: &StreamId) -> Option<Event> {
+    let body: String = entry.get("event")?;
+    serde_json::from_str(&body).ok()
+}
+
+/// Creates the consumer group (and the stream) unless it exists. Reading from
+/// `0`: events appended before any relay ever ran are relayed too.
+async fn ensure_group(store: &Store) -> Result<(), RelayError> {
+    let created: Result<(), StoreError> = store
+        .query(
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(OUTBOX)
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM"),
+        )
+        .await;
+    match created {
+        Ok(()) => Ok(()),
+        Err(e) if e.to_string().contains("BUSYGROUP") => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("broker: {0}")]
+    Broker(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_id_is_stable_and_names_its_saga_and_type() {
+        let saga = SagaId::new();
+        let order = OrderId::parse("o1").unwrap();
+        let user = UserId::parse("u1").unwrap();
+        let a = Event::new(
+            EventType::Paid,
+            &order,
+            saga,
+            &user,
+            Amount::new(5).unwrap(),
+        );
+        let b = Event::new(
+            EventType::Paid,
+            &order,
+            saga,
+            &user,
+            Amount::new(5).unwrap(),
+        );
+        assert_eq!(a.event_id, b.event_id);
+        assert_eq!(a.event_id, format!("{saga}:order.paid"));
+        let json: serde_json::Value = serde_json::to_value(&a).unwrap();
+        assert_eq!(json["type"], "order.paid");
+        let failed = Event::new(
+            EventType::CheckoutFailed,
+            &order,
+            saga,
+            &user,
+            Amount::new(5).unwrap(),
+        );
+        assert_ne!(failed.event_id, a.event_id);
+    }
+}
