@@ -1,6 +1,9 @@
 //! `cargo xtask down`: stop everything `up` started, then prove nothing of ours is left.
 //!
-//! Stop order is the reverse of the dependencies: gateway (no new requests), services, broker,
+//! The supervisor goes first (asked through `supervise::stop_marker`, waited for), so nothing
+//! is restarted while the fleet goes down; the state file is read after it stopped, since it
+//! may have recorded a restart at the last moment.
+//! Stop order is then the reverse of the dependencies: gateway (no new requests), services, broker,
 //! Sentinels (so they do not start failovers while the data nodes go away), Redis. After that,
 //! leftovers are stopped too (an nginx worker orphaned by a SIGKILLed master, a process started
 //! by an `up` that died before recording it): processes that carry the fleet's tag in their
@@ -15,11 +18,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
-use crate::fleet;
 use crate::state::{self, Kind, Record, State};
+use crate::{fleet, supervise};
 use xtask::{proc, rabbit};
 
 pub fn run(root: &Path) -> Result<()> {
+    stop_supervisor(root)?;
     let state = State::load(root)?;
     let fleet_dir = fleet::fleet_dir(root);
     let tag = match &state {
@@ -69,12 +73,55 @@ pub fn run(root: &Path) -> Result<()> {
     if !survivors.is_empty() {
         bail!("still running after down: {}", survivors.join(", "));
     }
+    let _ = std::fs::remove_file(supervise::stop_marker(root));
     if state.is_some() {
         std::fs::remove_file(state::path(root))?;
         println!(
             "xtask: fleet stopped; nothing of it is left running (logs kept in {})",
             fleet_dir.join("logs").display()
         );
+    }
+    Ok(())
+}
+
+/// How long the supervisor may take to finish restarts under way (a RabbitMQ node boots in up
+/// to 25 s, `rabbitmqctl wait` gives up after 90).
+const SUPERVISOR_GRACE: Duration = Duration::from_secs(120);
+
+/// Asks the supervisor to stop and waits until it did (SIGKILL after [`SUPERVISOR_GRACE`]).
+/// Nothing to do when none runs, or when it is this very process (`up` in the foreground,
+/// stopping its fleet after Ctrl-C: its supervision loop has already ended).
+fn stop_supervisor(root: &Path) -> Result<()> {
+    let Some(sup) = State::load(root)?.and_then(|s| s.live_supervisor().cloned()) else {
+        return Ok(());
+    };
+    if sup.pid == std::process::id() {
+        return Ok(());
+    }
+    println!(
+        "xtask: stopping the supervisor (pid {}) first, so nothing is restarted meanwhile",
+        sup.pid
+    );
+    std::fs::write(
+        supervise::stop_marker(root),
+        format!("{}\n", std::process::id()),
+    )?;
+    let start = Instant::now();
+    let mut told = false;
+    while sup.alive() && start.elapsed() < SUPERVISOR_GRACE {
+        if !told && start.elapsed() >= Duration::from_secs(3) {
+            println!("xtask: the supervisor finishes a restart under way first");
+            told = true;
+        }
+        sleep(Duration::from_millis(50));
+    }
+    if sup.alive() {
+        println!(
+            "xtask: the supervisor did not stop within {} s: SIGKILL",
+            SUPERVISOR_GRACE.as_secs()
+        );
+        proc::kill9(sup.pid, sup.start_ticks);
+        proc::wait_gone(sup.pid, sup.start_ticks, Duration::from_secs(5));
     }
     Ok(())
 }

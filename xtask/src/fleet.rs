@@ -56,6 +56,17 @@ pub fn fleet_dir(root: &Path) -> PathBuf {
     root.join("target").join("fleet")
 }
 
+/// A Redis data node's directory (config, AOF, log) inside the fleet directory; a restart
+/// starts the node again on it.
+pub fn redis_dir(fleet: &Path, name: &str) -> PathBuf {
+    fleet.join("redis").join(name)
+}
+
+/// A Sentinel's directory (its rewritten config, log) inside the fleet directory.
+pub fn sentinel_dir(fleet: &Path, name: &str) -> PathBuf {
+    fleet.join("sentinel").join(name)
+}
+
 /// Where cargo puts release binaries (honours CARGO_TARGET_DIR like cargo does).
 pub fn release_dir(root: &Path) -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
@@ -168,6 +179,10 @@ pub fn env_plan(instance: &Instance, gateway_port: u16) -> Vec<(&'static str, En
         ("SAGA_STEPS", PassThrough),
         ("SAGA_LEASE_MS", PassThrough),
         ("LOG_FORMAT", PassThrough),
+        // Tracing export: off unless the caller points the fleet at a collector.
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", PassThrough),
+        // One name per service, whatever the caller's shell says.
+        ("OTEL_SERVICE_NAME", Set(instance.service.to_string())),
     ]
 }
 

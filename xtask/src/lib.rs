@@ -30,8 +30,10 @@ pub mod proc;
 pub mod rabbit;
 pub mod redis;
 pub mod resp;
+pub mod respawn;
 pub mod scratch;
 pub mod sentinel;
+pub mod supervisor;
 pub mod yaml;
 
 pub use faultproxy::FaultProxy;

@@ -7,7 +7,10 @@
 mod down;
 mod fleet;
 mod interrupt;
+mod kill;
+mod restart;
 mod state;
+mod supervise;
 mod test_cmd;
 mod up;
 mod validate;
@@ -24,7 +27,15 @@ commands:
                  build the services and run the whole fleet on 127.0.0.1 (gateway on
                  port N, default 8000); stays in the foreground until Ctrl-C unless --detach
   down           stop everything `up` started (idempotent)
-  ps             the fleet's processes as JSON (role, name, pid, port, alive, store)
+  ps             the fleet's processes as JSON (current role, name, pid, port, alive, store,
+                 restarts)
+  kill <name|role>
+                 SIGKILL one process (a name from `ps`, or a role it has now, such as
+                 stock-redis-master); the supervisor starts it again
+  restart <name|role>
+                 stop one process with SIGTERM and wait until it is back
+  supervise [--detach]
+                 supervise a running fleet again (`up` starts a supervisor by itself)
   validate       check the deployment files offline
   test           fmt, clippy, validate, up, cargo test, pytest, down: the CI pipeline
 ";
@@ -69,6 +80,13 @@ fn no_args(cmd: &str, rest: &[String]) -> Result<()> {
     Ok(())
 }
 
+fn one_arg<'a>(cmd: &str, rest: &'a [String]) -> Result<&'a str> {
+    match rest {
+        [arg] => Ok(arg),
+        _ => bail!("{cmd} takes one process name or role\n\n{USAGE}"),
+    }
+}
+
 fn run(args: &[String]) -> Result<()> {
     let root = repo_root();
     let Some((cmd, rest)) = args.split_first() else {
@@ -89,6 +107,25 @@ fn run(args: &[String]) -> Result<()> {
             no_args(cmd, rest)?;
             state::ps(&root)
         }
+        "kill" => kill::run(&root, one_arg(cmd, rest)?),
+        "restart" => restart::run(&root, one_arg(cmd, rest)?),
+        "supervise" => match rest {
+            [] => {
+                interrupt::install();
+                supervise::run(&root, false).map(|_| ())
+            }
+            [flag] if flag == "--detach" || flag == "-d" => {
+                let pid = supervise::spawn_detached(&root)?;
+                println!("xtask: supervising in the background (pid {pid})");
+                Ok(())
+            }
+            // How `up --detach` and `supervise --detach` start it: stdout is the log.
+            [flag] if flag == "--daemon" => {
+                interrupt::install();
+                supervise::run(&root, true).map(|_| ())
+            }
+            _ => bail!("supervise takes only --detach\n\n{USAGE}"),
+        },
         "validate" => {
             no_args(cmd, rest)?;
             validate::run(&root)
@@ -145,5 +182,7 @@ mod tests {
     fn unknown_commands_fail() {
         assert!(run(&args(&["frobnicate"])).is_err());
         assert!(run(&args(&["down", "extra"])).is_err());
+        assert!(run(&args(&["kill"])).is_err());
+        assert!(run(&args(&["restart", "a", "b"])).is_err());
     }
 }

@@ -93,6 +93,20 @@ impl Sentinel {
         Ok(Sentinel { inner })
     }
 
+    /// Starts a Sentinel again from the config file an earlier [`Sentinel::start`] on `port`
+    /// left in `dir`, as Sentinel rewrote it (its id, the current masters, the replicas and
+    /// Sentinels it knows, the epochs): what a supervisor does after it died. Returns once it
+    /// answers.
+    pub fn restart_from_config(dir: impl AsRef<Path>, port: u16) -> Result<Self> {
+        if !crate::port_is_free(port) {
+            bail!("port {port} is already in use");
+        }
+        let mut inner =
+            RedisProcess::from_config(dir.as_ref(), port, &format!("sentinel-{port}"), None, true)?;
+        inner.spawn()?;
+        Ok(Sentinel { inner })
+    }
+
     pub fn port(&self) -> u16 {
         self.inner.port
     }

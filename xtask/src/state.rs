@@ -4,6 +4,12 @@
 //! Written after every single start, not once at the end: if `up` dies half-way, `down` still
 //! knows what to stop. Each record keeps the process's start time beside its pid, so a pid
 //! reused by an unrelated process after a reboot is never signalled.
+//!
+//! After start-up the supervisor (`supervise.rs`) is the only writer: when it restarts a
+//! process it puts the new pid and start time into that process's record and counts the
+//! restart, so a record always names the current process (a dead one while it waits for its
+//! restart). Other tools (`chaos`, `kill`, `restart`) read the file and never write it while a
+//! supervisor runs.
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +45,9 @@ pub struct Record {
     #[serde(default)]
     pub start_ticks: Option<u64>,
     pub log: PathBuf,
+    /// How often the supervisor started it again.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 impl Record {
@@ -60,6 +69,7 @@ impl Record {
             kind,
             start_ticks: proc::start_ticks(pid),
             log: log.to_path_buf(),
+            restarts: 0,
         }
     }
 
@@ -93,6 +103,30 @@ pub struct Broker {
     pub started_epmd: bool,
 }
 
+/// The process that supervises the fleet: a detached `cargo xtask supervise`, or the
+/// foreground `cargo xtask up` itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupervisorRecord {
+    pub pid: u32,
+    #[serde(default)]
+    pub start_ticks: Option<u64>,
+}
+
+impl SupervisorRecord {
+    /// This very process.
+    pub fn me() -> Self {
+        let pid = std::process::id();
+        SupervisorRecord {
+            pid,
+            start_ticks: proc::start_ticks(pid),
+        }
+    }
+
+    pub fn alive(&self) -> bool {
+        proc::same_process(self.pid, self.start_ticks)
+    }
+}
+
 /// The whole state file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
@@ -102,6 +136,8 @@ pub struct State {
     #[serde(default)]
     pub broker: Option<Broker>,
     pub processes: Vec<Record>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor: Option<SupervisorRecord>,
 }
 
 pub fn path(root: &Path) -> PathBuf {
@@ -140,6 +176,11 @@ impl State {
     pub fn any_alive(&self) -> bool {
         self.processes.iter().any(Record::alive)
     }
+
+    /// The supervisor, if one runs.
+    pub fn live_supervisor(&self) -> Option<&SupervisorRecord> {
+        self.supervisor.as_ref().filter(|s| s.alive())
+    }
 }
 
 /// One line of `cargo xtask ps`.
@@ -152,6 +193,8 @@ pub struct PsEntry {
     pub alive: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
+    /// How often the supervisor started it again.
+    pub restarts: u32,
 }
 
 /// `cargo xtask ps`: a JSON array on stdout (empty when no fleet was started).
@@ -172,6 +215,7 @@ fn ps_entry(r: &Record) -> PsEntry {
         port: r.port,
         alive: r.alive(),
         store: r.store.clone(),
+        restarts: r.restarts,
     }
 }
 
@@ -218,7 +262,12 @@ mod tests {
                 kind: Kind::Redis,
                 start_ticks: Some(1),
                 log: "/x/log".into(),
+                restarts: 2,
             }],
+            supervisor: Some(SupervisorRecord {
+                pid: u32::MAX - 1,
+                start_ticks: None,
+            }),
         }
     }
 
@@ -228,6 +277,17 @@ mod tests {
         let text = serde_json::to_string(&s).unwrap();
         assert!(text.contains("\"kind\":\"redis\""));
         assert_eq!(serde_json::from_str::<State>(&text).unwrap(), s);
+        assert!(s.live_supervisor().is_none());
+    }
+
+    /// A state file written before restarts were counted still loads.
+    #[test]
+    fn older_state_files_load() {
+        let text = r#"{"gateway_url":"http://127.0.0.1:8000","tag":"t","processes":[
+            {"role":"gateway","name":"nginx","pid":1,"port":8000,"kind":"gateway","log":"/l"}]}"#;
+        let s: State = serde_json::from_str(text).unwrap();
+        assert_eq!(s.processes[0].restarts, 0);
+        assert_eq!(s.supervisor, None);
     }
 
     #[test]
@@ -239,6 +299,7 @@ mod tests {
         let json = serde_json::to_value(&e).unwrap();
         assert_eq!(json["store"], "order");
         assert_eq!(json["port"], 6400);
+        assert_eq!(json["restarts"], 2);
         // Non-redis entries carry no store key at all.
         let mut svc = s.processes[0].clone();
         svc.store = None;

@@ -3,7 +3,9 @@
 //! Order matters: stores first (Redis sets, then the Sentinels once the sets replicate), the
 //! broker in parallel with them because it is by far the slowest to boot, then the services
 //! (which need both), then the gateway. Every process is recorded in state.json the moment it
-//! is handed over, so a failure at any point stops exactly what was started.
+//! is handed over, so a failure at any point stops exactly what was started. Once everything
+//! is ready a supervisor (`supervise.rs`) watches it and starts again whatever dies: this very
+//! process in the foreground, a detached `cargo xtask supervise` with `--detach`.
 
 use std::path::{Path, PathBuf};
 use std::thread::sleep;
@@ -13,6 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::fleet::{self, EnvAction};
 use crate::state::{self, Broker, Kind, Record, State};
+use crate::supervise::{self, Ended};
 use crate::{down, interrupt};
 use xtask::gateway;
 use xtask::proc::{self, spawn_logged, tail};
@@ -36,7 +39,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     ensure_installed(REQUIRED)?;
     let fleet = fleet::fleet_dir(root);
     if let Some(old) = State::load(root)? {
-        if old.any_alive() {
+        if old.any_alive() || old.live_supervisor().is_some() {
             bail!(
                 "a fleet is already running (see `cargo xtask ps`); stop it with `cargo xtask down`"
             );
@@ -70,6 +73,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         tag: tag.clone(),
         broker: None,
         processes: Vec::new(),
+        supervisor: None,
     };
     state.save(root)?;
 
@@ -91,14 +95,34 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     println!("gateway: {}", state.gateway_url);
     println!("logs:    {}", fleet.join("logs").display());
     if opts.detach {
-        println!("running in the background; stop it with `cargo xtask down`");
+        let pid = match supervise::spawn_detached(root) {
+            Ok(pid) => pid,
+            Err(e) => {
+                eprintln!("xtask: the supervisor did not start; stopping the fleet");
+                if let Err(stop_err) = down::run(root) {
+                    eprintln!("xtask: {stop_err:#}");
+                }
+                return Err(e);
+            }
+        };
+        println!(
+            "running in the background, supervised by pid {pid} (log: {}); stop it with \
+             `cargo xtask down`",
+            supervise::log_path(&fleet).display()
+        );
         return Ok(());
     }
-    println!("running; Ctrl-C stops everything (or `cargo xtask down` from another terminal)");
-    if foreground(root, &state) {
-        down::run(root)?;
+    println!(
+        "running and supervised: a process that dies is started again; Ctrl-C stops everything \
+         (or `cargo xtask down` from another terminal)"
+    );
+    match supervise::run(root, false)? {
+        Ended::Interrupted => down::run(root),
+        Ended::DownRequested | Ended::StateGone => {
+            println!("xtask: the fleet is being stopped from elsewhere (`cargo xtask down`)");
+            Ok(())
+        }
     }
-    Ok(())
 }
 
 /// Fails, naming every port, when something already listens where the fleet wants to.
@@ -161,7 +185,7 @@ fn wipe(fleet: &Path) -> Result<()> {
 
 /// Raises the soft open-files limit to the hard one (children inherit it): 1000 concurrent
 /// clients need thousands of descriptors in nginx and the services. Returns the new limit.
-fn raise_nofile_limit() -> u64 {
+pub(crate) fn raise_nofile_limit() -> u64 {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -250,19 +274,7 @@ fn start_all(
     start_services(root, fleet, opts.port, state)?;
     interrupt::check()?;
 
-    let params = gateway::Params {
-        bind_host: "127.0.0.1".to_string(),
-        port: opts.port,
-        prefix: fleet.join("nginx"),
-        log_dir: fleet.join("logs"),
-        run_as_root: proc::is_root(),
-        nofile,
-        upstreams: fleet::SERVICES
-            .iter()
-            .map(|(svc, ports)| (svc.to_string(), ports.to_vec()))
-            .collect(),
-    };
-    let gw = gateway::start(root, fleet, &params)?;
+    let gw = gateway::start(root, fleet, &gateway_params(fleet, opts.port, nofile))?;
     state.record(
         root,
         Record::new(
@@ -301,7 +313,7 @@ fn start_stores(root: &Path, fleet: &Path, state: &mut State) -> Result<()> {
             // Every node refuses writes while it is a master without a replica
             // (min-replicas-to-write); the replicas' sync is accepted all the same.
             let server =
-                RedisServer::start_in_set(fleet.join("redis").join(&name), port, replica_of, None)?;
+                RedisServer::start_in_set(fleet::redis_dir(fleet, &name), port, replica_of, None)?;
             nodes.push((store, name, role, server));
         }
     }
@@ -345,7 +357,7 @@ fn start_stores(root: &Path, fleet: &Path, state: &mut State) -> Result<()> {
     for (i, port) in fleet::SENTINEL_PORTS.into_iter().enumerate() {
         let name = format!("sentinel-{}", i + 1);
         let s = Sentinel::start(
-            fleet.join("sentinel").join(&name),
+            fleet::sentinel_dir(fleet, &name),
             port,
             &monitors,
             fleet::QUORUM,
@@ -378,24 +390,56 @@ fn start_stores(root: &Path, fleet: &Path, state: &mut State) -> Result<()> {
     Ok(())
 }
 
+/// The gateway's parameters; the supervisor starts nginx again with the same ones.
+pub(crate) fn gateway_params(fleet: &Path, port: u16, nofile: u64) -> gateway::Params {
+    gateway::Params {
+        bind_host: "127.0.0.1".to_string(),
+        port,
+        prefix: fleet.join("nginx"),
+        log_dir: fleet.join("logs"),
+        run_as_root: proc::is_root(),
+        nofile,
+        upstreams: fleet::SERVICES
+            .iter()
+            .map(|(svc, ports)| (svc.to_string(), ports.to_vec()))
+            .collect(),
+    }
+}
+
+/// The command that runs a service instance (the supervisor restarts it with the same one).
+pub(crate) fn service_command(
+    root: &Path,
+    fleet: &Path,
+    inst: &fleet::Instance,
+    gateway_port: u16,
+) -> std::process::Command {
+    let bin = fleet::release_dir(root).join(inst.service);
+    let mut cmd = proc::command(&bin);
+    cmd.current_dir(fleet);
+    for (var, action) in fleet::env_plan(inst, gateway_port) {
+        match action {
+            EnvAction::Set(v) => {
+                cmd.env(var, v);
+            }
+            EnvAction::Remove => {
+                cmd.env_remove(var);
+            }
+            EnvAction::PassThrough => {}
+        }
+    }
+    cmd
+}
+
+/// A service instance's log.
+pub(crate) fn service_log(fleet: &Path, inst: &fleet::Instance) -> PathBuf {
+    fleet.join("logs").join(format!("{}.log", inst.name))
+}
+
 fn start_services(root: &Path, fleet: &Path, gateway_port: u16, state: &mut State) -> Result<()> {
     println!("xtask: starting services");
     for inst in fleet::instances() {
-        let bin = fleet::release_dir(root).join(inst.service);
-        let mut cmd = proc::command(&bin);
-        cmd.current_dir(fleet);
-        for (var, action) in fleet::env_plan(&inst, gateway_port) {
-            match action {
-                EnvAction::Set(v) => {
-                    cmd.env(var, v);
-                }
-                EnvAction::Remove => {
-                    cmd.env_remove(var);
-                }
-                EnvAction::PassThrough => {}
-            }
-        }
-        let log = fleet.join("logs").join(format!("{}.log", inst.name));
+        let mut cmd = service_command(root, fleet, &inst, gateway_port);
+        let log = service_log(fleet, &inst);
         let child = spawn_logged(&mut cmd, &log)?;
         // The Child handle is dropped without waiting: the process is tracked by pid from now
         // on (proc::is_alive reaps it if it dies while xtask still runs).
@@ -476,28 +520,4 @@ fn wait_ready(state: &State) -> Result<()> {
         }
         sleep(Duration::from_millis(500));
     }
-}
-
-/// Stays until Ctrl-C, reporting processes that die meanwhile (chaos runs kill them on
-/// purpose, so a death is news, not a reason to stop). Returns false, meaning nothing is left
-/// to stop, when `down` removed the state file from another terminal.
-fn foreground(root: &Path, state: &State) -> bool {
-    let mut reported = vec![false; state.processes.len()];
-    while !interrupt::requested() {
-        if !state::path(root).exists() {
-            println!("xtask: the fleet was stopped from elsewhere (`cargo xtask down`)");
-            return false;
-        }
-        for (i, r) in state.processes.iter().enumerate() {
-            if !reported[i] && !r.alive() {
-                println!(
-                    "xtask: {} ({}, pid {}) is no longer running",
-                    r.name, r.role, r.pid
-                );
-                reported[i] = true;
-            }
-        }
-        sleep(Duration::from_millis(300));
-    }
-    true
 }
