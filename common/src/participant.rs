@@ -17,8 +17,16 @@
 //! find (and confirm) the first outcome. Any other failure (a corrupt value, a command Redis refuses) is
 //! retried [`PERMANENT_ATTEMPTS`] times, then the failing commands go to the
 //! dead-letter queue with their reason and the orchestrator is told
-//! [`Outcome::Failed`]. A message that cannot be decoded is rejected to the
+//! [`Outcome::Failed`]. A message that cannot be decoded goes to the
 //! dead-letter queue at once.
+//!
+//! Every dead letter is counted in `broker_dead_lettered_total{reason}`:
+//! `store_error` and `undecodable` as they are published here (headers
+//! `x-reason`, `x-original-queue`, `x-saga-ids`, `x-attempts`,
+//! `x-first-seen-ms`, `x-last-seen-ms`, a `message_id`; `cargo xtask dlq`
+//! reads them), and `delivery_limit` when a quorum queue's message is given
+//! back for the last time its delivery limit allows (the broker dead-letters
+//! it then, with its own `x-death` header).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -29,7 +37,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use tracing::Instrument;
 
-use crate::broker::{persistent_json, Broker, QueueKind, DEAD_LETTER_QUEUE};
+use crate::broker::{persistent_json, Broker, QueueKind, DEAD_LETTER_QUEUE, DELIVERY_LIMIT};
 use crate::messages::{Batch, Command, Outcome, Reply, Step};
 use crate::redis_store::StoreError;
 
@@ -77,8 +85,19 @@ async fn apply<L: Ledger>(broker: Arc<Broker>, ledger: Arc<L>, delivery: Deliver
         Ok(batch) => batch,
         Err(e) => {
             tracing::error!(error = %e, "poison message sent to the dead-letter queue");
-            metrics::counter!("broker_dead_lettered_total", "reason" => "undecodable").increment(1);
-            let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+            let attempts = header_int(&delivery, ATTEMPTS_HEADER).unwrap_or(0) + 1;
+            let body = delivery.data.clone();
+            match dead_letter(&broker, &delivery, "undecodable", &body, &[], attempts).await {
+                Ok(()) => {
+                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                }
+                // The queue's own dead-lettering takes it (with `x-death`, reason `rejected`).
+                Err(()) => {
+                    metrics::counter!("broker_dead_lettered_total", "reason" => "undecodable")
+                        .increment(1);
+                    let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+                }
+            }
             return;
         }
     };
@@ -119,13 +138,17 @@ async fn apply<L: Ledger>(broker: Arc<Broker>, ledger: Arc<L>, delivery: Deliver
             outcome,
         });
     }
-    if !failed.is_empty()
-        && dead_letter(&broker, &delivery, &failed, attempts)
+    if !failed.is_empty() {
+        let sagas: Vec<String> = failed.iter().map(|c| c.saga_id.to_string()).collect();
+        let body = Batch::of(failed).to_json();
+        let reason = "store_error";
+        if dead_letter(&broker, &delivery, reason, &body, &sagas, attempts)
             .await
             .is_err()
-    {
-        let _ = delivery.nack(requeue()).await;
-        return;
+        {
+            give_back(&delivery).await;
+            return;
+        }
     }
     // A settle needs no answer, and sends none.
     replies.retain(|r| r.step != Step::Settle);
@@ -136,7 +159,7 @@ async fn apply<L: Ledger>(broker: Arc<Broker>, ledger: Arc<L>, delivery: Deliver
             .await
         {
             tracing::warn!(error = %e, "reply not confirmed; the command will be redelivered");
-            let _ = delivery.nack(requeue()).await;
+            give_back(&delivery).await;
             return;
         }
     }
@@ -146,11 +169,19 @@ async fn apply<L: Ledger>(broker: Arc<Broker>, ledger: Arc<L>, delivery: Deliver
     }
 }
 
-fn requeue() -> BasicNackOptions {
-    BasicNackOptions {
+/// Gives a delivery back to its queue (the broker is in trouble: nothing better can be
+/// done). A quorum queue counts it (`x-delivery-count`); past [`DELIVERY_LIMIT`] the broker
+/// dead-letters it instead, and that is counted here, the one place that sees it happen.
+async fn give_back(delivery: &Delivery) {
+    if header_int(delivery, "x-delivery-count").unwrap_or(0) >= i64::from(DELIVERY_LIMIT) {
+        tracing::error!("message given back past its delivery limit: the broker dead-letters it");
+        metrics::counter!("broker_dead_lettered_total", "reason" => "delivery_limit").increment(1);
+    }
+    let options = BasicNackOptions {
         requeue: true,
         ..Default::default()
-    }
+    };
+    let _ = delivery.nack(options).await;
 }
 
 /// How long to wait before attempt `attempts + 1`.
@@ -187,24 +218,27 @@ async fn retry_later(broker: &Broker, delivery: Delivery, attempts: i64) {
         }
         Err(e) => {
             tracing::warn!(error = %e, "retry copy not published; requeueing");
-            let _ = delivery.nack(requeue()).await;
+            give_back(&delivery).await;
         }
     }
 }
 
-/// Publishes the commands that failed for good to the dead-letter queue,
-/// with what an operator needs: why, from where, which sagas, how often, when.
+/// Publishes `body` (the commands that failed for good, or a message that cannot be
+/// decoded) to the dead-letter queue, with what an operator needs: why, from where, which
+/// sagas, how often, when; an id (`message_id`) to name it by, and the original reply queue
+/// (a requeued command answers there). Counted by `reason` once the broker confirmed it.
 async fn dead_letter(
     broker: &Broker,
     delivery: &Delivery,
-    failed: &[Command],
+    reason: &'static str,
+    body: &[u8],
+    sagas: &[String],
     attempts: i64,
 ) -> Result<(), ()> {
     let now = crate::now_ms() as i64;
-    let sagas: Vec<String> = failed.iter().map(|c| c.saga_id.to_string()).collect();
     let mut headers = FieldTable::default();
     let text = |s: String| AMQPValue::LongString(LongString::from(s));
-    headers.insert("x-reason".into(), text("store_error".into()));
+    headers.insert("x-reason".into(), text(reason.into()));
     headers.insert(
         "x-original-queue".into(),
         text(delivery.routing_key.to_string()),
@@ -214,15 +248,18 @@ async fn dead_letter(
     let first_seen = header_int(delivery, FIRST_SEEN_HEADER).unwrap_or(now);
     headers.insert(FIRST_SEEN_HEADER.into(), AMQPValue::LongLongInt(first_seen));
     headers.insert("x-last-seen-ms".into(), AMQPValue::LongLongInt(now));
-    let body = Batch::of(failed.to_vec()).to_json();
-    let properties = persistent_json().with_headers(headers);
+    let mut properties = persistent_json()
+        .with_headers(headers)
+        .with_message_id(ShortString::from(uuid::Uuid::new_v4().simple().to_string()));
+    if let Some(reply_to) = delivery.properties.reply_to() {
+        properties = properties.with_reply_to(reply_to.clone());
+    }
     match broker
-        .publish_with(DEAD_LETTER_QUEUE, &body, properties)
+        .publish_with(DEAD_LETTER_QUEUE, body, properties)
         .await
     {
         Ok(()) => {
-            metrics::counter!("broker_dead_lettered_total", "reason" => "store_error")
-                .increment(failed.len() as u64);
+            metrics::counter!("broker_dead_lettered_total", "reason" => reason).increment(1);
             Ok(())
         }
         Err(e) => {

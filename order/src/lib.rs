@@ -3,9 +3,11 @@
 //! Read top-down: `main.rs` wires it, [`routes`] is the HTTP API,
 //! [`saga`] is the whole checkout state machine, [`orders`] and
 //! [`saga_store`] are its two stores, [`replies`] routes participants'
-//! answers back to the waiting checkout.
+//! answers back to the waiting checkout, [`ops`] is what operators see of
+//! and do to sagas.
 
 pub mod openapi;
+pub mod ops;
 pub mod orders;
 pub mod outbox;
 pub mod replies;

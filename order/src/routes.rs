@@ -22,6 +22,7 @@ use common::types::{parse_batch_size, Amount, ItemId, OrderId, UserId};
 use crate::openapi::{CheckedOut, OrderCreated, OrderView};
 use crate::orders::{under_checkout, Order};
 use crate::saga::{Hold, Orchestrator};
+use crate::saga_store::SagaView;
 use crate::stock_client::StockClient;
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -39,13 +40,16 @@ pub fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(find))
         .routes(routes!(add_item))
         .routes(routes!(checkout))
+        .routes(routes!(saga_status))
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     let (business, _) = api().split_for_parts();
     business
-        .with_state(state)
+        .with_state(state.clone())
         .merge(common::openapi::serve(&crate::openapi::document()))
+        // Operator routes: not in the API document, refused by the gateway.
+        .merge(crate::ops::router(state))
 }
 
 fn view(id: &OrderId, order: &Order) -> Value {
@@ -191,4 +195,25 @@ async fn checkout(
 ) -> Result<Answer> {
     let id = OrderId::parse(&id)?;
     s.saga.checkout(&id, &idem).await
+}
+
+#[utoipa::path(get, path = "/saga/{order_id}", tag = "order",
+    summary = "For operators: the latest checkout of the order (its saga), with each step",
+    description = "The saga holding the order, else its latest decided checkout, else the one \
+        that paid it. A saga's record is kept 10 minutes after it ended (30 days if it needs \
+        attention); after that a paid order still answers with its saga id and `committed` \
+        (`retained: false`, no steps), an unpaid one answers 404.",
+    params(("order_id" = IdParam, Path)),
+    responses(
+        (status = 200, description = "the order's latest checkout", body = SagaView),
+        (status = 400, description = "malformed id", body = ErrorBody),
+        (status = 404, description = "no such order, or it was never checked out (or its \
+            last checkout ended more than 10 minutes ago)", body = ErrorBody),
+    ))]
+async fn saga_status(
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<SagaView>> {
+    let id = OrderId::parse(&id)?;
+    Ok(Json(crate::ops::order_saga(&s.saga, &id).await?))
 }

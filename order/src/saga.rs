@@ -61,7 +61,9 @@ use tracing::Instrument;
 
 use crate::orders::{Freeze, Order, Orders};
 use crate::replies::Replies;
-use crate::saga_store::{Begin, Progress, Recorded, SagaRecord, SagaState, SagaStore};
+use crate::saga_store::{
+    Begin, Progress, Recorded, SagaRecord, SagaState, SagaStore, SagaView, StepLog, ViewState,
+};
 
 /// What came back for one step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -345,20 +347,22 @@ impl Orchestrator {
         };
         let (reserved, charged) = match self.routing.step_order {
             StepOrder::Parallel => tokio::join!(
-                self.step(&self.routing.stock_queue, saga.id, reserve),
-                self.step(&self.routing.payment_queue, saga.id, charge)
+                timed(self.step(&self.routing.stock_queue, saga.id, reserve)),
+                timed(self.step(&self.routing.payment_queue, saga.id, charge))
             ),
             StepOrder::Sequential => {
-                let reserved = self.step(&self.routing.stock_queue, saga.id, reserve).await;
-                let charged = if reserved == StepResult::Applied {
-                    self.step(&self.routing.payment_queue, saga.id, charge)
-                        .await
+                let reserved = timed(self.step(&self.routing.stock_queue, saga.id, reserve)).await;
+                let charged = if reserved.result == StepResult::Applied {
+                    timed(self.step(&self.routing.payment_queue, saga.id, charge)).await
                 } else {
-                    StepResult::Skipped
+                    Timed::skipped()
                 };
                 (reserved, charged)
             }
         };
+        // Recorded with the decision (its MULTI/EXEC): no round trip of their own.
+        let steps = [reserved.log(Step::Reserve), charged.log(Step::Charge)];
+        let (reserved, charged) = (reserved.result, charged.result);
         let all_applied = reserved == StepResult::Applied && charged == StepResult::Applied;
         let undo = Undo {
             release: reserved.may_have_happened(),
@@ -375,7 +379,7 @@ impl Orchestrator {
             } else {
                 self.orders.fence(&saga.order_id, saga.id).await?
             };
-            self.log_decision(&saga, committed).await
+            self.log_decision(&saga, committed, &steps).await
         }
         .await;
         match decided {
@@ -398,13 +402,17 @@ impl Orchestrator {
         &self,
         saga: &SagaRecord,
         committed: bool,
+        steps: &[StepLog],
     ) -> Result<SagaState, ApiError> {
         let wanted = if committed {
             SagaState::Committed
         } else {
             SagaState::Aborted
         };
-        let logged = self.sagas.decide(saga.id, wanted).await?;
+        let logged = self
+            .sagas
+            .decide_with(saga.id, wanted, Some(&saga.order_id), steps)
+            .await?;
         if logged != wanted {
             tracing::error!(saga = %saga.id, ?logged, ?wanted, "saga log disagrees with the order");
         }
@@ -432,19 +440,27 @@ impl Orchestrator {
                 let ok = paid(&saga.order_id);
                 send(Ok(ok.clone()));
                 metrics::counter!("saga_outcomes_total", "outcome" => "committed").increment(1);
-                self.settle(saga).await;
-                if let Err(e) = self.sagas.finish(saga, Some(&ok), "committed").await {
+                let settled = self.settle(saga).await;
+                let finished = self
+                    .sagas
+                    .finish_with(saga, Some(&ok), "committed", &[settled])
+                    .await;
+                if let Err(e) = finished {
                     tracing::warn!(saga = %saga.id, error = %e, "not marked finished; recovery will");
                 }
             }
             SagaState::Aborted => match self.compensate(saga, undo).await {
-                Undone::Confirmed => {
+                (Undone::Confirmed, steps) => {
                     // A refusal is an answer only for the request that waits for it. Recovery
                     // (nobody waits: the owner's client heard 503 or nothing) records none, so
                     // a retry looks at the order again: it may be paid by another checkout by
                     // now (then it is 200), and this saga took nothing.
                     let no = waited_for.then(|| refused(reason));
-                    match self.sagas.finish(saga, no.as_ref(), reason).await {
+                    match self
+                        .sagas
+                        .finish_with(saga, no.as_ref(), reason, &steps)
+                        .await
+                    {
                         // The first answer recorded (another driver's, maybe) is the answer.
                         Ok(first) => {
                             if let Some(no) = first.or(no) {
@@ -455,15 +471,18 @@ impl Orchestrator {
                     }
                     metrics::counter!("saga_outcomes_total", "outcome" => "aborted").increment(1);
                 }
-                Undone::Unconfirmed => {
+                (Undone::Unconfirmed, steps) => {
                     tracing::warn!(saga = %saga.id, "compensation not confirmed; left to recovery");
                     send(Err(still_running()));
+                    if let Err(e) = self.sagas.record_steps(saga.id, &steps).await {
+                        tracing::debug!(saga = %saga.id, error = %e, "steps not recorded");
+                    }
                 }
-                Undone::Failed(why) => {
+                (Undone::Failed(why), steps) => {
                     tracing::error!(saga = %saga.id, %why, "compensation dead-lettered; needs attention");
                     metrics::counter!("saga_outcomes_total", "outcome" => "needs_attention")
                         .increment(1);
-                    if let Err(e) = self.sagas.needs_attention(saga.id, &why).await {
+                    if let Err(e) = self.sagas.needs_attention(saga, &why, &steps).await {
                         tracing::error!(saga = %saga.id, error = %e, "attention not recorded");
                     }
                     send(Err(attention(&why)));
@@ -476,7 +495,8 @@ impl Orchestrator {
     /// Tells both participants the saga committed, so they release the hold
     /// kept for a give-back. Nobody waits for it; a settle that is lost only
     /// leaves that hold in place (conservative, never inconsistent).
-    async fn settle(&self, saga: &SagaRecord) {
+    async fn settle(&self, saga: &SagaRecord) -> StepLog {
+        let started_ms = common::now_ms();
         let body = Batch::of(vec![Command {
             saga_id: saga.id,
             action: Action::Settle,
@@ -490,53 +510,58 @@ impl Orchestrator {
             self.broker
                 .publish_retrying(&self.routing.payment_queue, None, &body, budget)
         );
-        if stock.is_err() || payment.is_err() {
+        let sent = stock.is_ok() && payment.is_ok();
+        if !sent {
             metrics::counter!("saga_settle_failures_total").increment(1);
             tracing::warn!(saga = %saga.id, "settle not sent; the participants keep a hold");
         }
+        let outcome = if sent { "sent" } else { "not_sent" };
+        StepLog::new(Step::Settle, outcome, None, started_ms, common::now_ms())
     }
 
     /// Sends the compensations of every step that may have happened and waits
-    /// until each is applied.
-    async fn compensate(&self, saga: &SagaRecord, undo: Undo) -> Undone {
+    /// until each is applied; with what each did, for the saga record.
+    async fn compensate(&self, saga: &SagaRecord, undo: Undo) -> (Undone, Vec<StepLog>) {
         let release = async {
             if !undo.release {
-                return StepResult::Applied;
+                return None;
             }
             let action = Action::Release {
                 lines: saga.lines.clone(),
             };
-            self.until_answered(&self.routing.stock_queue, saga.id, action)
-                .await
+            Some(timed(self.until_answered(&self.routing.stock_queue, saga.id, action)).await)
         };
         let refund = async {
             if !undo.refund {
-                return StepResult::Applied;
+                return None;
             }
             let action = Action::Refund {
                 user_id: saga.user_id.clone(),
                 amount: saga.total,
             };
-            self.until_answered(&self.routing.payment_queue, saga.id, action)
-                .await
+            Some(timed(self.until_answered(&self.routing.payment_queue, saga.id, action)).await)
         };
         let (released, refunded) = tokio::join!(release, refund);
         let mut failures = Vec::new();
         let mut unconfirmed = false;
-        for result in [released, refunded] {
-            match result {
+        let mut steps = Vec::new();
+        for (step, timed) in [(Step::Release, released), (Step::Refund, refunded)] {
+            let Some(timed) = timed else { continue };
+            steps.push(timed.log(step));
+            match timed.result {
                 StepResult::Applied => {}
                 StepResult::Failed(why) | StepResult::Refused(why) => failures.push(why),
                 StepResult::Unknown | StepResult::Skipped => unconfirmed = true,
             }
         }
-        if !failures.is_empty() {
+        let undone = if !failures.is_empty() {
             Undone::Failed(failures.join("; "))
         } else if unconfirmed {
             Undone::Unconfirmed
         } else {
             Undone::Confirmed
-        }
+        };
+        (undone, steps)
     }
 
     /// A compensation, sent again until a participant answers it.
@@ -639,6 +664,12 @@ impl Orchestrator {
     #[tracing::instrument(name = "saga.recover", skip(self), fields(saga_id = %id, trace_id = tracing::field::Empty))]
     pub async fn recover(&self, id: SagaId) -> Result<(), ApiError> {
         common::trace::record_trace_id(&tracing::Span::current());
+        self.recover_because(id, "recovered after its owner stopped")
+            .await
+    }
+
+    /// [`Orchestrator::recover`], ending the saga (if it does) with `reason`.
+    async fn recover_because(&self, id: SagaId, reason: &str) -> Result<(), ApiError> {
         let _lease = self.leases.hold(id);
         // The scan may have seen the saga just before its owner finished it.
         if !self.sagas.is_active(id).await? {
@@ -647,11 +678,11 @@ impl Orchestrator {
         let Some((saga, state)) = self.sagas.load(id).await? else {
             return Ok(());
         };
-        let attempts = self.sagas.count_attempt(id).await?;
+        let attempts = self.sagas.count_attempt(id, &self.routing.instance).await?;
         if attempts > RECOVERY_ATTEMPTS {
             let why = format!("recovery gave up after {RECOVERY_ATTEMPTS} attempts");
             tracing::error!(saga = %id, "{why}");
-            self.sagas.needs_attention(id, &why).await?;
+            self.sagas.needs_attention(&saga, &why, &[]).await?;
             return Ok(());
         }
         tracing::info!(saga = %id, state = state.as_str(), attempts, "recovering saga");
@@ -659,24 +690,101 @@ impl Orchestrator {
         let state = match state {
             SagaState::Pending => {
                 let committed = self.orders.fence(&saga.order_id, id).await?;
-                self.log_decision(&saga, committed).await?
+                self.log_decision(&saga, committed, &[]).await?
             }
             decided => decided,
         };
         // Nobody knows which steps ran: every one may have.
-        let undo = Undo {
-            release: true,
-            refund: true,
-        };
-        self.complete(
-            &saga,
-            state,
-            undo,
-            "recovered after its owner stopped",
-            None,
-        )
-        .await;
+        self.complete(&saga, state, Undo::ALL, reason, None).await;
         Ok(())
+    }
+
+    /// The saga store, for the operator routes.
+    pub fn sagas(&self) -> &SagaStore {
+        &self.sagas
+    }
+
+    /// An operator's `retry` (`POST /ops/sagas/{id}/retry`): runs recovery now, by its rules
+    /// (an undecided saga is decided on the order first: the fence wins unless it committed;
+    /// a decided one is settled or compensated again). For a saga that needs attention (after
+    /// the cause was fixed), or one nobody drives; one whose lease is held (a live instance
+    /// drives it) is refused (409): it ends by itself, or can be aborted. A finished saga:
+    /// nothing to do.
+    pub async fn retry(&self, id: SagaId) -> Result<(), ApiError> {
+        let view = self.operated(id).await?;
+        if view.finished {
+            return Ok(());
+        }
+        if let (None, Some(owner)) = (&view.attention, &view.lease) {
+            return Err(ApiError::Conflict(format!(
+                "saga {id} is being driven by {owner} (it holds the lease): it ends by itself, \
+                 or abort it"
+            )));
+        }
+        self.sagas
+            .take_over(id, &self.routing.instance, self.routing.lease)
+            .await?;
+        self.recover_because(id, "retried by an operator").await
+    }
+
+    /// An operator's `abort` (`POST /ops/sagas/{id}/abort`): fences the order (unless the
+    /// saga committed, the fence wins: the same compare-and-set recovery uses, so there is
+    /// never a second decision), then compensates every step that may have happened. Works on
+    /// a saga a live instance still drives (its commit then finds the order fenced). A
+    /// committed saga cannot be aborted: 409, with why.
+    pub async fn abort(&self, id: SagaId) -> Result<(), ApiError> {
+        let _lease = self.leases.hold(id);
+        let view = self.operated(id).await?;
+        let committed = || {
+            ApiError::Conflict(format!(
+                "saga {id} committed: order {} is paid, so it cannot be aborted (retry settles \
+                 it if it has not ended)",
+                view.order_id
+            ))
+        };
+        if view.state == ViewState::Committed {
+            return Err(committed());
+        }
+        let Some((saga, state)) = self.sagas.load(id).await? else {
+            return Err(ApiError::NotFound(format!("saga {id} not found")));
+        };
+        if view.finished {
+            return match state {
+                SagaState::Committed => Err(committed()),
+                _ => Ok(()),
+            };
+        }
+        self.sagas
+            .take_over(id, &self.routing.instance, self.routing.lease)
+            .await?;
+        let state = match state {
+            SagaState::Pending => {
+                let committed = self.orders.fence(&saga.order_id, id).await?;
+                self.log_decision(&saga, committed, &[]).await?
+            }
+            decided => decided,
+        };
+        match state {
+            SagaState::Committed => {
+                // Its owner committed first: that decision stands; finish it as recovery would.
+                self.complete(&saga, state, Undo::ALL, "committed", None)
+                    .await;
+                Err(committed())
+            }
+            _ => {
+                self.complete(&saga, state, Undo::ALL, "aborted by an operator", None)
+                    .await;
+                Ok(())
+            }
+        }
+    }
+
+    /// The saga an operator names, or 404.
+    async fn operated(&self, id: SagaId) -> Result<SagaView, ApiError> {
+        self.sagas
+            .view(id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("saga {id} not found (or expired)")))
     }
 
     /// Every half lease, takes over and finishes sagas whose owner died.
@@ -724,6 +832,53 @@ fn attention(why: &str) -> ApiError {
 struct Undo {
     release: bool,
     refund: bool,
+}
+
+impl Undo {
+    /// Every step may have happened (recovery, an operator: nobody knows which ran).
+    const ALL: Undo = Undo {
+        release: true,
+        refund: true,
+    };
+}
+
+/// A step's result, with when it was sent and when it ended (for the saga record).
+struct Timed {
+    result: StepResult,
+    started_ms: u64,
+    ended_ms: u64,
+}
+
+impl Timed {
+    fn skipped() -> Self {
+        let now = common::now_ms();
+        Timed {
+            result: StepResult::Skipped,
+            started_ms: now,
+            ended_ms: now,
+        }
+    }
+
+    fn log(&self, step: Step) -> StepLog {
+        let (outcome, reason) = match &self.result {
+            StepResult::Applied => ("applied", None),
+            StepResult::Refused(why) => ("refused", Some(why.clone())),
+            StepResult::Unknown => ("unknown", None),
+            StepResult::Failed(why) => ("failed", Some(why.clone())),
+            StepResult::Skipped => ("skipped", None),
+        };
+        StepLog::new(step, outcome, reason, self.started_ms, self.ended_ms)
+    }
+}
+
+async fn timed(step: impl std::future::Future<Output = StepResult>) -> Timed {
+    let started_ms = common::now_ms();
+    let result = step.await;
+    Timed {
+        result,
+        started_ms,
+        ended_ms: common::now_ms(),
+    }
 }
 
 /// The sagas whose leases this instance holds, with how many holders each

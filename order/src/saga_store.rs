@@ -3,15 +3,30 @@
 //! Keys, each with a lifetime:
 //! - `saga:<id>` → hash: `order`, `user`, `lines` (JSON), `total`, `state`,
 //!   `idem`/`idem_ttl` (the checkout's idempotency record), `created_ms`,
-//!   `attempts`, and once it ends `finished_ms`, `answer`, or `attention`.
-//!   Kept while the saga runs; expires [`RETENTION_SECS`] after it finished.
+//!   `owner` (the instance that drove it last), `attempts`, `decided_ms`,
+//!   `step:<step>` (each step's outcome and times, JSON: [`StepLog`]), and
+//!   once it ends `finished_ms`, `reason`, `answer`, or `attention` (with
+//!   `attention_ms`). Kept while the saga runs; expires [`RETENTION_SECS`]
+//!   after it finished, [`ATTENTION_RETENTION_SECS`] if it needs attention.
 //! - `lease:<id>` → the instance driving the saga, with a TTL its owner
 //!   renews. A saga without a lease has lost its owner. Deleted at the end.
 //! - `sagas:active` → set of the sagas not finished yet (recovery scans it).
-//! - `sagas:attention` → sagas that could not be finished automatically
-//!   (a compensation was dead-lettered, or recovery gave up); an operator's.
+//! - `sagas:attention` → set of the sagas that could not be finished
+//!   automatically (a compensation was dead-lettered, or recovery gave up); an
+//!   operator's (`cargo xtask sagas`, which sorts them by their records' times).
+//! - `ordersaga:<order>` → the latest saga of the order that reached a
+//!   decision (`GET /saga/{order_id}`; a saga still undecided is the order's
+//!   own `checkout`). Written with the decision, [`POINTER_SECS`]; from the
+//!   end of that saga on it lives exactly as long as the saga's record.
 //! - `idem:/checkout/<order>:<key>` → `saga:<id>` while the checkout runs,
 //!   then its final answer, for the key's lifetime.
+//!
+//! Step outcomes cost no round trip of their own: the forward steps are
+//! written in the decision's MULTI/EXEC, compensations and the settle in the
+//! finish's (or the attention's). They are diagnostics: the one written
+//! without a replica's confirmation (a compensation left to recovery) may be
+//! lost in a failover, and a step of a driver whose decision or finish came
+//! second (a slow owner after recovery or an operator) is not recorded.
 //!
 //! `state` changes once, from PENDING to COMMITTED or ABORTED, by a
 //! compare-and-set. It always follows the order's own compare-and-set
@@ -23,9 +38,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::idempotency::{Answer, IdemKey};
-use common::messages::Line;
+use common::messages::{Line, Step};
 use common::redis_store::{Store, StoreError, Tx};
 use common::types::{Amount, OrderId, SagaId, UserId};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 const ACTIVE: &str = "sagas:active";
 const ATTENTION: &str = "sagas:attention";
@@ -37,9 +54,209 @@ const ATTENTION: &str = "sagas:attention";
 pub const RETENTION_SECS: i64 = 600;
 /// How long a saga that needs an operator is kept.
 pub const ATTENTION_RETENTION_SECS: i64 = 30 * 24 * 3600;
+/// How long an order's pointer to its latest decided saga lives from the decision until the
+/// saga ends (then it gets the saga record's lifetime): far longer than recovery takes to
+/// finish a saga or hand it to an operator.
+pub const POINTER_SECS: u64 = 3600;
 
 fn saga_key(id: SagaId) -> String {
     format!("saga:{id}")
+}
+
+fn pointer_key(order: &OrderId) -> String {
+    format!("ordersaga:{order}")
+}
+
+fn step_name(step: Step) -> &'static str {
+    match step {
+        Step::Reserve => "reserve",
+        Step::Charge => "charge",
+        Step::Release => "release",
+        Step::Refund => "refund",
+        Step::Settle => "settle",
+    }
+}
+
+/// The order in which a saga's steps are shown.
+const STEPS: [Step; 5] = [
+    Step::Reserve,
+    Step::Charge,
+    Step::Release,
+    Step::Refund,
+    Step::Settle,
+];
+
+/// One step of a saga as its record keeps it (field `step:<step>`): the last outcome this
+/// saga's driver saw, and when the step was sent and ended. Diagnostics only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StepLog {
+    /// `reserve`, `charge`, `release`, `refund` or `settle`.
+    pub step: String,
+    /// `applied`, `refused`, `failed` (dead-lettered), `unknown` (no reply in time),
+    /// `skipped` (not sent: an earlier step was refused), `sent` / `not_sent` (a settle, which
+    /// has no reply).
+    pub outcome: String,
+    /// The participant's reason for a refusal or failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When the command was first sent (ms since the epoch).
+    pub started_ms: u64,
+    /// When its outcome was known (or its wait ran out).
+    pub ended_ms: u64,
+}
+
+impl StepLog {
+    pub fn new(
+        step: Step,
+        outcome: &str,
+        reason: Option<String>,
+        started_ms: u64,
+        ended_ms: u64,
+    ) -> Self {
+        StepLog {
+            step: step_name(step).to_string(),
+            outcome: outcome.to_string(),
+            reason,
+            started_ms,
+            ended_ms,
+        }
+    }
+
+    fn field(&self) -> String {
+        format!("step:{}", self.step)
+    }
+}
+
+/// Adds the step fields to `writes`.
+fn write_steps(writes: &mut redis::Pipeline, key: &str, steps: &[StepLog]) {
+    for step in steps {
+        let json = serde_json::to_string(step).expect("step logs serialize");
+        writes.hset(key, step.field(), json).ignore();
+    }
+}
+
+/// Where a saga stands, as an operator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ViewState {
+    /// Not decided yet.
+    Pending,
+    Committed,
+    Aborted,
+    /// It could not be finished automatically: an operator must look (`cargo xtask sagas`).
+    NeedsAttention,
+}
+
+/// A saga as an operator sees it (`GET /saga/{order_id}`, `cargo xtask sagas`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SagaView {
+    #[schema(format = Uuid)]
+    pub saga_id: String,
+    pub order_id: String,
+    pub state: ViewState,
+    /// True once the saga has ended: settled, or compensated with nothing left taken (a saga
+    /// that needs attention has not ended).
+    pub finished: bool,
+    /// The instance that drove it last (began it, recovered it, or ran an operator's retry).
+    pub owner: Option<String>,
+    /// The instance holding its lease right now (none once it ended, or while nobody drives it).
+    pub lease: Option<String>,
+    /// Recovery attempts so far (an operator's retry starts again from 0).
+    #[schema(minimum = 0)]
+    pub attempts: i64,
+    pub created_ms: Option<u64>,
+    pub decided_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    /// Why it ended (committed, the refusal, abandoned, aborted by an operator, ...).
+    pub reason: Option<String>,
+    /// Why it needs an operator.
+    pub attention: Option<String>,
+    /// Each step with its outcome and times, in saga order (reserve, charge, release, refund,
+    /// settle): the forward steps are written with the decision, the others when it ends.
+    pub steps: Vec<StepLog>,
+    /// False when the saga's record has expired (kept 10 minutes after it ended): then only
+    /// what the order itself shows is known (it was paid by this saga).
+    pub retained: bool,
+}
+
+impl SagaView {
+    /// What is left of a committed saga once its record expired: the order says it paid.
+    pub fn expired_commit(order: &OrderId, saga: SagaId) -> Self {
+        SagaView {
+            saga_id: saga.to_string(),
+            order_id: order.to_string(),
+            state: ViewState::Committed,
+            finished: true,
+            owner: None,
+            lease: None,
+            attempts: 0,
+            created_ms: None,
+            decided_ms: None,
+            finished_ms: None,
+            reason: None,
+            attention: None,
+            steps: Vec::new(),
+            retained: false,
+        }
+    }
+
+    fn from_fields(
+        id: SagaId,
+        fields: &HashMap<String, String>,
+        lease: Option<String>,
+        active: bool,
+    ) -> Self {
+        let text = |name: &str| fields.get(name).cloned();
+        let ms = |name: &str| fields.get(name).and_then(|v| v.parse().ok());
+        let attention = text("attention");
+        let state = match (
+            &attention,
+            fields.get("state").and_then(|s| SagaState::parse(s)),
+        ) {
+            (Some(_), _) => ViewState::NeedsAttention,
+            (None, Some(SagaState::Committed)) => ViewState::Committed,
+            (None, Some(SagaState::Aborted)) => ViewState::Aborted,
+            (None, _) => ViewState::Pending,
+        };
+        let steps = STEPS
+            .iter()
+            .filter_map(|s| fields.get(&format!("step:{}", step_name(*s))))
+            .filter_map(|json| serde_json::from_str(json).ok())
+            .collect();
+        SagaView {
+            saga_id: id.to_string(),
+            order_id: text("order").unwrap_or_default(),
+            state,
+            finished: !active && attention.is_none(),
+            owner: text("owner"),
+            lease,
+            attempts: fields
+                .get("attempts")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(0),
+            created_ms: ms("created_ms"),
+            decided_ms: ms("decided_ms"),
+            finished_ms: ms("finished_ms"),
+            reason: text("reason"),
+            attention,
+            steps,
+            retained: true,
+        }
+    }
+
+    /// When it began, or when it was handed to an operator (the order of `cargo xtask sagas`).
+    fn since_ms(&self) -> u64 {
+        self.created_ms.unwrap_or(0)
+    }
+}
+
+/// The sagas an operator looks at, each list oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SagaList {
+    /// Not finished and handled automatically (running, or waiting for recovery).
+    pub pending: Vec<SagaView>,
+    /// Handed to an operator.
+    pub attention: Vec<SagaView>,
 }
 
 fn lease_key(id: SagaId) -> String {
@@ -186,6 +403,7 @@ impl SagaStore {
                         ("total", saga.total.to_string()),
                         ("state", SagaState::Pending.as_str().to_string()),
                         ("created_ms", common::now_ms().to_string()),
+                        ("owner", owner.to_string()),
                         ("attempts", "0".to_string()),
                     ];
                     if let Some((idem_key, ttl)) = &saga.idem {
@@ -307,6 +525,18 @@ impl SagaStore {
 
     /// The compare-and-set: moves PENDING to `decision`; returns the state that holds now.
     pub async fn decide(&self, id: SagaId, decision: SagaState) -> Result<SagaState, StoreError> {
+        self.decide_with(id, decision, None, &[]).await
+    }
+
+    /// [`SagaStore::decide`] for a saga that held `order`: the same MULTI/EXEC points the
+    /// order at this saga (its latest decided checkout) and records the forward steps.
+    pub async fn decide_with(
+        &self,
+        id: SagaId,
+        decision: SagaState,
+        order: Option<&OrderId>,
+        steps: &[StepLog],
+    ) -> Result<SagaState, StoreError> {
         let key = saga_key(id);
         let key = &key;
         self.store
@@ -328,6 +558,12 @@ impl SagaStore {
                                 .ignore()
                                 .hset(key, "decided_ms", common::now_ms())
                                 .ignore();
+                            write_steps(&mut writes, key, steps);
+                            if let Some(order) = order {
+                                writes
+                                    .set_ex(pointer_key(order), id.to_string(), POINTER_SECS)
+                                    .ignore();
+                            }
                             Ok(Tx::Commit(writes, decision))
                         }
                         Some(decided) => Ok(Tx::Abort(decided)),
@@ -352,29 +588,49 @@ impl SagaStore {
         answer: Option<&Answer>,
         reason: &str,
     ) -> Result<Option<Answer>, StoreError> {
+        self.finish_with(saga, answer, reason, &[]).await
+    }
+
+    /// [`SagaStore::finish`], recording `steps` (compensations, the settle) in the same
+    /// MULTI/EXEC. The first end's time and reason stand, like its answer (a slow owner
+    /// finishing after recovery or an operator does not rewrite why the saga ended).
+    pub async fn finish_with(
+        &self,
+        saga: &SagaRecord,
+        answer: Option<&Answer>,
+        reason: &str,
+        steps: &[StepLog],
+    ) -> Result<Option<Answer>, StoreError> {
         let key = saga_key(saga.id);
         let key = &key;
+        let pointer = pointer_key(&saga.order_id);
+        let pointer = &pointer;
         self.store
             .transact(std::slice::from_ref(key), |mut conn| async move {
-                let first: Result<Option<String>, _> = redis::cmd("HGET")
-                    .arg(key)
-                    .arg("answer")
+                // One round trip: the first answer, and whether the order still points here.
+                let seen: Result<(Option<String>, Option<String>), _> = redis::pipe()
+                    .hget(key, "answer")
+                    .get(pointer)
                     .query_async(&mut conn)
                     .await;
-                let decision = match first {
+                let decision = match seen {
                     Err(e) => Err(StoreError::Redis(e)),
-                    Ok(Some(first)) => Ok(Tx::Abort(Answer::decode(&first))),
-                    Ok(None) => {
+                    Ok((Some(first), _)) => Ok(Tx::Abort(Answer::decode(&first))),
+                    Ok((None, latest)) => {
                         let mut writes = redis::pipe();
                         writes
                             .srem(ACTIVE, saga.id.to_string())
                             .ignore()
                             .del(lease_key(saga.id))
                             .ignore()
-                            .hset(key, "finished_ms", common::now_ms())
+                            .hset_nx(key, "finished_ms", common::now_ms())
                             .ignore()
-                            .hset(key, "reason", reason)
+                            .hset_nx(key, "reason", reason)
                             .ignore();
+                        write_steps(&mut writes, key, steps);
+                        if latest.as_deref() == Some(saga.id.to_string().as_str()) {
+                            writes.expire(pointer, RETENTION_SECS).ignore();
+                        }
                         if let Some(answer) = answer {
                             writes.hset(key, "answer", answer.encode()).ignore();
                             if let Some((idem_key, ttl)) = &saga.idem {
@@ -390,8 +646,15 @@ impl SagaStore {
             .await
     }
 
-    /// Takes a saga out of automatic handling: an operator must finish it.
-    pub async fn needs_attention(&self, id: SagaId, why: &str) -> Result<(), StoreError> {
+    /// Takes a saga out of automatic handling: an operator must finish it. The order's
+    /// pointer to it (if it is the latest) lives as long as its record (`GT`: only lengthened).
+    pub async fn needs_attention(
+        &self,
+        saga: &SagaRecord,
+        why: &str,
+        steps: &[StepLog],
+    ) -> Result<(), StoreError> {
+        let id = saga.id;
         let key = saga_key(id);
         let mut writes = redis::pipe();
         writes
@@ -403,23 +666,156 @@ impl SagaStore {
             .ignore()
             .hset(&key, "attention", why)
             .ignore()
+            .hset(&key, "attention_ms", common::now_ms())
+            .ignore()
             .expire(&key, ATTENTION_RETENTION_SECS)
             .ignore()
             .expire(ATTENTION, ATTENTION_RETENTION_SECS)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(pointer_key(&saga.order_id))
+            .arg(ATTENTION_RETENTION_SECS)
+            .arg("GT")
             .ignore();
+        write_steps(&mut writes, &key, steps);
         self.store.write(&writes).await
     }
 
-    /// Counts one more recovery attempt; returns the count.
-    pub async fn count_attempt(&self, id: SagaId) -> Result<i64, StoreError> {
+    /// Counts one more recovery attempt by `owner`; returns the count.
+    pub async fn count_attempt(&self, id: SagaId, owner: &str) -> Result<i64, StoreError> {
+        let key = saga_key(id);
+        let mut attempt = redis::pipe();
+        attempt
+            .hincr(&key, "attempts", 1)
+            .hset(&key, "owner", owner)
+            .ignore();
+        let attempt = &attempt;
+        let (count,): (i64,) = self
+            .store
+            .run(|mut conn| async move {
+                let result = attempt.query_async(&mut conn).await;
+                (conn, result)
+            })
+            .await?;
+        Ok(count)
+    }
+
+    /// Records step outcomes on their own, without waiting for a replica (the one path that
+    /// has no write of its own to carry them: compensations left to recovery).
+    pub async fn record_steps(&self, id: SagaId, steps: &[StepLog]) -> Result<(), StoreError> {
+        if steps.is_empty() {
+            return Ok(());
+        }
+        let mut writes = redis::pipe();
+        write_steps(&mut writes, &saga_key(id), steps);
+        let writes = &writes;
         self.store
-            .query(
-                redis::cmd("HINCRBY")
-                    .arg(saga_key(id))
-                    .arg("attempts")
-                    .arg(1),
-            )
+            .run(|mut conn| async move {
+                let result = writes.query_async::<()>(&mut conn).await;
+                (conn, result)
+            })
             .await
+    }
+
+    /// The latest saga of `order` that reached a decision, while its pointer lives.
+    pub async fn latest_of_order(&self, order: &OrderId) -> Result<Option<SagaId>, StoreError> {
+        let raw: Option<String> = self
+            .store
+            .query(redis::cmd("GET").arg(pointer_key(order)))
+            .await?;
+        Ok(raw.and_then(|id| id.parse().ok()))
+    }
+
+    /// How operators see these sagas, in one round trip; sagas without a record are left out.
+    pub async fn views(&self, ids: &[SagaId]) -> Result<Vec<SagaView>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut reads = redis::pipe();
+        for id in ids {
+            reads
+                .hgetall(saga_key(*id))
+                .get(lease_key(*id))
+                .sismember(ACTIVE, id.to_string());
+        }
+        let reads = &reads;
+        let raw: Vec<redis::Value> = self
+            .store
+            .run(|mut conn| async move {
+                let result = reads.query_async(&mut conn).await;
+                (conn, result)
+            })
+            .await?;
+        let mut views = Vec::with_capacity(ids.len());
+        for (id, chunk) in ids.iter().zip(raw.chunks(3)) {
+            let [fields, lease, active] = chunk else {
+                return Err(StoreError::corrupt(saga_key(*id), "short pipeline reply"));
+            };
+            let bad = |e: String| StoreError::corrupt(saga_key(*id), e);
+            let fields: HashMap<String, String> =
+                redis::from_redis_value(fields.clone()).map_err(|e| bad(e.to_string()))?;
+            if fields.is_empty() {
+                continue;
+            }
+            let lease: Option<String> =
+                redis::from_redis_value(lease.clone()).map_err(|e| bad(e.to_string()))?;
+            let active: bool =
+                redis::from_redis_value(active.clone()).map_err(|e| bad(e.to_string()))?;
+            views.push(SagaView::from_fields(*id, &fields, lease, active));
+        }
+        Ok(views)
+    }
+
+    /// One saga as an operator sees it; `None` if it has no record (never, or expired).
+    pub async fn view(&self, id: SagaId) -> Result<Option<SagaView>, StoreError> {
+        Ok(self.views(&[id]).await?.pop())
+    }
+
+    /// The sagas not finished (`sagas:active`) and those handed to an operator
+    /// (`sagas:attention`), each oldest first, at most `limit` of each.
+    pub async fn list(&self, limit: usize) -> Result<SagaList, StoreError> {
+        let members = |set: &'static str| async move {
+            let ids: Vec<String> = self.store.query(redis::cmd("SMEMBERS").arg(set)).await?;
+            let ids: Vec<SagaId> = ids.iter().filter_map(|s| s.parse().ok()).collect();
+            let mut views = self.views(&ids).await?;
+            views.sort_by_key(SagaView::since_ms);
+            views.truncate(limit);
+            Ok::<_, StoreError>(views)
+        };
+        Ok(SagaList {
+            pending: members(ACTIVE).await?,
+            attention: members(ATTENTION).await?,
+        })
+    }
+
+    /// An operator takes a saga over (`retry`, `abort`): back among the active sagas (out of
+    /// the operator's set), its recovery attempts counted from 0, its lease to `owner`. The
+    /// lease is taken even from a live owner: two drivers of one saga agree by the order's
+    /// compare-and-set and the finish's.
+    pub async fn take_over(
+        &self,
+        id: SagaId,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let key = saga_key(id);
+        let mut writes = redis::pipe();
+        writes
+            .srem(ATTENTION, id.to_string())
+            .ignore()
+            .sadd(ACTIVE, id.to_string())
+            .ignore()
+            .hdel(&key, &["attention", "attention_ms"])
+            .ignore()
+            .hset(&key, "attempts", 0)
+            .ignore()
+            .hset(&key, "owner", owner)
+            .ignore()
+            .set(lease_key(id), owner)
+            .arg("PX")
+            .arg(lease.as_millis() as u64)
+            .ignore();
+        self.store.write(&writes).await
     }
 
     /// Extends the owner's leases, all in one pipeline. `XX`: a lease the saga's end deleted

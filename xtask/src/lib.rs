@@ -21,6 +21,7 @@
 //!     Sentinel::start(dir.path(), free_port(), &[("data", master.port())], 1, 1000, 3000).unwrap();
 //! ```
 
+pub mod dlq;
 pub mod envfile;
 pub mod faultproxy;
 pub mod gateway;
@@ -31,6 +32,7 @@ pub mod rabbit;
 pub mod redis;
 pub mod resp;
 pub mod respawn;
+pub mod sagas;
 pub mod scratch;
 pub mod sentinel;
 pub mod supervisor;

@@ -90,7 +90,7 @@ fn one_arg<'a>(cmd: &str, rest: &'a [String]) -> Result<&'a str> {
 fn run(args: &[String]) -> Result<()> {
     let root = repo_root();
     let Some((cmd, rest)) = args.split_first() else {
-        print!("{USAGE}");
+        print!("{USAGE}{}{}", xtask::sagas::USAGE, xtask::dlq::USAGE);
         return Ok(());
     };
     match cmd.as_str() {
@@ -135,8 +135,19 @@ fn run(args: &[String]) -> Result<()> {
             interrupt::install();
             test_cmd::run(&root)
         }
+        "sagas" => {
+            let instances: Vec<String> = fleet::SERVICES
+                .iter()
+                .filter(|(name, _)| *name == "order")
+                .flat_map(|(_, ports)| ports.iter().map(|p| format!("http://127.0.0.1:{p}")))
+                .collect();
+            tokio::runtime::Runtime::new()?.block_on(xtask::sagas::cli(rest, &instances))
+        }
+        "dlq" => {
+            tokio::runtime::Runtime::new()?.block_on(xtask::dlq::cli(rest, &fleet::amqp_url()))
+        }
         "help" | "--help" | "-h" => {
-            print!("{USAGE}");
+            print!("{USAGE}{}{}", xtask::sagas::USAGE, xtask::dlq::USAGE);
             Ok(())
         }
         other => bail!("unknown command {other:?}\n\n{USAGE}"),
