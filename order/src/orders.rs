@@ -55,6 +55,9 @@ pub enum Freeze {
     Paid,
     /// Another saga holds it, one that has not ended.
     Held(SagaId),
+    /// This saga was fenced (aborted by recovery or an operator) before it
+    /// ever held the order: it must not take it now.
+    Fenced,
     NotFound,
 }
 
@@ -103,6 +106,15 @@ pub struct Orders {
 fn key(id: &OrderId) -> String {
     format!("order:{id}")
 }
+
+/// The mark a fence leaves for a saga that did not hold the order (yet): a
+/// later freeze for that saga is refused. Kept far longer than a checkout can
+/// take between beginning its saga and freezing the order.
+fn fence_key(saga: SagaId) -> String {
+    format!("fence:{saga}")
+}
+
+const FENCE_TTL_SECS: u64 = 3600;
 
 fn encode(order: &Order) -> String {
     serde_json::to_string(order).expect("orders always serialize")
@@ -223,44 +235,54 @@ impl Orders {
         Ok(serde_json::from_str(&raw).map_err(|e| StoreError::corrupt(&key, e))?)
     }
 
-    /// Changes an order in one transaction. `change` sees the order (or
-    /// `None`) and says what to write and what to return.
-    async fn update<T>(
+    /// The one transaction every change of an order runs in. `change` sees
+    /// the order and, when `fence_of` names a saga, whether that saga was
+    /// fenced before it ever held the order (its fence mark, `fence:<saga>`,
+    /// is watched with the order). It returns the order to write (if any),
+    /// whether to leave that saga's fence mark, and the result. When the
+    /// order is written, the event `announce` names (built from the order
+    /// written) goes to the outbox in the same transaction; a change that
+    /// writes no order (a repeat finding its decision made) announces nothing.
+    async fn change<T>(
         &self,
         id: &OrderId,
-        change: impl Fn(Option<Order>) -> (Option<Order>, T),
-    ) -> Result<T, StoreError> {
-        self.update_announcing(id, change, None).await
-    }
-
-    /// [`Self::update`] for a checkout's decision: when `change` writes, the
-    /// event `announce` names (built from the order it writes) is appended to
-    /// the outbox in the same transaction. A change that writes nothing (a
-    /// repeat, finding the decision made) announces nothing.
-    async fn update_announcing<T>(
-        &self,
-        id: &OrderId,
-        change: impl Fn(Option<Order>) -> (Option<Order>, T),
+        fence_of: Option<SagaId>,
         announce: Option<(EventType, SagaId)>,
+        change: impl Fn(Option<Order>, bool) -> (Option<Order>, bool, T),
     ) -> Result<T, StoreError> {
         let key = key(id);
         let _guard = self.locks.lock([key.as_str()]).await;
-        let (key, change) = (&key, &change);
+        let mut watched = vec![key.clone()];
+        watched.extend(fence_of.map(fence_key));
+        let (key, watched, change) = (&key, &watched, &change);
         self.store
-            .transact(std::slice::from_ref(key), |mut conn| async move {
+            .transact(watched, |mut conn| async move {
                 let decision = async {
                     let order = read(&mut conn, key).await?;
-                    Ok(match change(order) {
-                        (None, value) => Tx::Abort(value),
-                        (Some(new), value) => {
-                            let mut writes = redis::pipe();
-                            writes.set(key, encode(&new)).ignore();
-                            if let Some((event_type, saga)) = announce {
-                                Event::new(event_type, id, saga, &new.user_id, new.total_cost)
-                                    .append_to(&mut writes);
-                            }
-                            Tx::Commit(writes, value)
+                    let fenced = match watched.get(1) {
+                        Some(mark) => redis::cmd("EXISTS")
+                            .arg(mark)
+                            .query_async::<bool>(&mut conn)
+                            .await
+                            .map_err(StoreError::Redis)?,
+                        None => false,
+                    };
+                    let (new, mark, value) = change(order, fenced);
+                    let mut writes = redis::pipe();
+                    if let Some(new) = &new {
+                        writes.set(key, encode(new)).ignore();
+                        if let Some((event_type, saga)) = announce {
+                            Event::new(event_type, id, saga, &new.user_id, new.total_cost)
+                                .append_to(&mut writes);
                         }
+                    }
+                    if let (true, Some(mark)) = (mark, watched.get(1)) {
+                        writes.set_ex(mark, 1, FENCE_TTL_SECS).ignore();
+                    }
+                    Ok(if new.is_none() && !mark {
+                        Tx::Abort(value)
+                    } else {
+                        Tx::Commit(writes, value)
                     })
                 }
                 .await;
@@ -343,21 +365,22 @@ impl Orders {
         saga: SagaId,
         stale: Option<SagaId>,
     ) -> Result<Freeze, StoreError> {
-        self.update(id, |order| match order {
-            None => (None, Freeze::NotFound),
-            Some(order) if order.paid => (None, Freeze::Paid),
+        self.change(id, Some(saga), None, |order, fenced| match order {
+            None => (None, false, Freeze::NotFound),
+            Some(order) if order.paid => (None, false, Freeze::Paid),
             // A retry after a lost EXEC reply (or an unconfirmed one) finds its own hold.
-            Some(order) if order.checkout == Some(saga) => (None, Freeze::Frozen(order)),
+            Some(order) if order.checkout == Some(saga) => (None, false, Freeze::Frozen(order)),
+            _ if fenced => (None, false, Freeze::Fenced),
             Some(Order {
                 checkout: Some(other),
                 ..
-            }) if Some(other) != stale => (None, Freeze::Held(other)),
+            }) if Some(other) != stale => (None, false, Freeze::Held(other)),
             Some(order) => {
                 let frozen = Order {
                     checkout: Some(saga),
                     ..order
                 };
-                (Some(frozen.clone()), Freeze::Frozen(frozen))
+                (Some(frozen.clone()), false, Freeze::Frozen(frozen))
             }
         })
         .await
@@ -365,48 +388,47 @@ impl Orders {
 
     /// The commit point of a checkout: marks the order paid by `saga` if
     /// `saga` still holds it. True when the order is paid by `saga` now
-    /// (also on a repeat).
+    /// (also on a repeat). Announces `order.paid` with the change.
     pub async fn commit(&self, id: &OrderId, saga: SagaId) -> Result<bool, StoreError> {
         let announce = Some((EventType::Paid, saga));
-        self.update_announcing(
-            id,
-            |order| match order {
-                Some(o) if o.paid_by == Some(saga) => (None, true),
-                Some(o) if o.checkout == Some(saga) => (
-                    Some(Order {
-                        paid: true,
-                        paid_by: Some(saga),
-                        checkout: None,
-                        ..o
-                    }),
-                    true,
-                ),
-                _ => (None, false),
-            },
-            announce,
-        )
+        self.change(id, None, announce, |order, _| match order {
+            Some(o) if o.paid_by == Some(saga) => (None, false, true),
+            Some(o) if o.checkout == Some(saga) => (
+                Some(Order {
+                    paid: true,
+                    paid_by: Some(saga),
+                    checkout: None,
+                    ..o
+                }),
+                false,
+                true,
+            ),
+            _ => (None, false, false),
+        })
         .await
     }
 
     /// The abort point: takes `saga`'s hold off the order, so it can never
-    /// commit. True if it had committed already (then nothing changes).
+    /// commit; announces `order.checkout_failed` with the change. True if it
+    /// had committed already (then nothing changes). A saga that does not
+    /// hold the order (it may be about to freeze it: recovery or an operator
+    /// can abort a saga whose owner is slow) gets a fence mark instead, which
+    /// its freeze then finds: fenced means fenced, whatever the order.
     pub async fn fence(&self, id: &OrderId, saga: SagaId) -> Result<bool, StoreError> {
         let announce = Some((EventType::CheckoutFailed, saga));
-        self.update_announcing(
-            id,
-            |order| match order {
-                Some(o) if o.paid_by == Some(saga) => (None, true),
-                Some(o) if o.checkout == Some(saga) => (
-                    Some(Order {
-                        checkout: None,
-                        ..o
-                    }),
-                    false,
-                ),
-                _ => (None, false),
-            },
-            announce,
-        )
+        self.change(id, Some(saga), announce, |order, fenced| match order {
+            Some(o) if o.paid_by == Some(saga) => (None, false, true),
+            Some(o) if o.checkout == Some(saga) => (
+                Some(Order {
+                    checkout: None,
+                    ..o
+                }),
+                false,
+                false,
+            ),
+            // Marked once; a repeat writes nothing.
+            _ => (None, !fenced, false),
+        })
         .await
     }
 }

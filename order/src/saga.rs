@@ -118,6 +118,21 @@ const RECOVERY_ATTEMPTS: i64 = 20;
 /// How often a step is sent again after the broker connection was lost while
 /// it waited (each time with a fresh step timeout).
 const RESENDS_AFTER_RECONNECT: usize = 2;
+
+/// How long after its first send a forward command may still be applied:
+/// every send may wait a step timeout to publish and one for the reply.
+fn step_lifetime(step_timeout: Duration) -> Duration {
+    2 * step_timeout * (RESENDS_AFTER_RECONNECT as u32 + 1) + COMMAND_GRACE
+}
+
+/// How long after a compensation a forward command of the same saga may
+/// still arrive and be applied: another driver (recovery, an operator) may
+/// compensate while the first step is still being sent, and in sequential
+/// mode the second step is first sent only after the first ended. The
+/// participants' tombstones must outlive this.
+fn command_horizon(step_timeout: Duration) -> Duration {
+    2 * step_lifetime(step_timeout)
+}
 /// Tries of one compensation before it is left to recovery.
 const COMPENSATION_TRIES: usize = 3;
 
@@ -248,6 +263,14 @@ impl Orchestrator {
                     self.abandon(&saga).await?;
                     if let Some(answer) = self.wait_for(other, deadline).await? {
                         self.sagas.record_answer(idem, &answer).await?;
+                        return Ok(answer);
+                    }
+                }
+                // Recovery or an operator aborted this saga before it could take
+                // the order (this instance was slow); whoever did finishes it. Its
+                // end, if it answers nothing, sends this checkout round again.
+                Freeze::Fenced => {
+                    if let Some(answer) = self.wait_for(saga.id, deadline).await? {
                         return Ok(answer);
                     }
                 }
@@ -592,11 +615,13 @@ impl Orchestrator {
         let step: Step = action.step();
         let timeout = self.routing.step_timeout;
         let mut reply = self.replies.expect(saga, step);
+        // Every copy of a forward command expires when the step's last wait can
+        // end at the latest (plus grace), counted from the first send: a re-send
+        // never extends how late a command may be applied.
+        let expires_at_ms = action
+            .is_forward()
+            .then(|| common::now_ms() + step_lifetime(timeout).as_millis() as u64);
         for resend in 0..=RESENDS_AFTER_RECONNECT {
-            // A forward command expires when this (last) wait for it ends, plus grace.
-            let expires_at_ms = action
-                .is_forward()
-                .then(|| common::now_ms() + (2 * timeout + COMMAND_GRACE).as_millis() as u64);
             let body = Batch::of(vec![Command {
                 saga_id: saga,
                 action: action.clone(),
@@ -676,6 +701,8 @@ impl Orchestrator {
             return Ok(());
         }
         let Some((saga, state)) = self.sagas.load(id).await? else {
+            tracing::warn!(saga = %id, "active saga without a record; forgotten");
+            self.sagas.forget(id).await?;
             return Ok(());
         };
         let attempts = self.sagas.count_attempt(id, &self.routing.instance).await?;
@@ -949,6 +976,14 @@ fn refusal_reason(reserved: &StepResult, charged: &StepResult) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tombstones_outlive_every_late_forward_command() {
+        let tombstone = Duration::from_secs(common::counters::TOMBSTONE_TTL_SECS);
+        assert!(command_horizon(common::config::MAX_STEP_TIMEOUT) < tombstone);
+        // A copy sent again after a reconnect expires with the first.
+        assert!(step_lifetime(Duration::from_secs(10)) == Duration::from_secs(90));
+    }
 
     #[test]
     fn timeouts_and_failures_count_as_possibly_done_and_are_reported() {

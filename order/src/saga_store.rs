@@ -516,6 +516,18 @@ impl SagaStore {
         })
     }
 
+    /// Drops an active entry whose record is gone (it expired): nothing is
+    /// left to recover, and the entry would otherwise be scanned forever.
+    pub async fn forget(&self, id: SagaId) -> Result<(), StoreError> {
+        let mut writes = redis::pipe();
+        writes
+            .srem(ACTIVE, id.to_string())
+            .ignore()
+            .del(lease_key(id))
+            .ignore();
+        self.store.write(&writes).await
+    }
+
     /// True while the saga has not finished.
     pub async fn is_active(&self, id: SagaId) -> Result<bool, StoreError> {
         self.store
@@ -615,7 +627,18 @@ impl SagaStore {
                     .await;
                 let decision = match seen {
                     Err(e) => Err(StoreError::Redis(e)),
-                    Ok((Some(first), _)) => Ok(Tx::Abort(Answer::decode(&first))),
+                    // Finished before (another driver): the first answer stands. Its
+                    // active entry and lease go all the same, in case a driver that
+                    // took the saga over meanwhile put them back.
+                    Ok((Some(first), _)) => {
+                        let mut writes = redis::pipe();
+                        writes
+                            .srem(ACTIVE, saga.id.to_string())
+                            .ignore()
+                            .del(lease_key(saga.id))
+                            .ignore();
+                        Ok(Tx::Commit(writes, Answer::decode(&first)))
+                    }
                     Ok((None, latest)) => {
                         let mut writes = redis::pipe();
                         writes

@@ -35,3 +35,44 @@ async fn a_freeze_whose_reply_was_lost_is_frozen() {
         "a retried freeze did not recognise its own hold"
     );
 }
+
+/// Recovery (or an operator) may abort a saga whose owner began it but has
+/// not frozen the order yet. The fence then finds nothing to take off the
+/// order; it leaves a mark instead, so the owner's late freeze is refused:
+/// otherwise the owner would go on, take stock and credit, and commit a saga
+/// that was already logged as aborted and compensated.
+#[tokio::test]
+async fn a_saga_fenced_before_it_froze_the_order_never_freezes_it() {
+    let dir = ScratchDir::new("orders-test").unwrap();
+    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let orders = Orders::new(direct_store(&redis.url()));
+    let created = orders
+        .create(
+            UserId::parse("u-1").unwrap(),
+            &IdemKey::random("/create/u-1"),
+        )
+        .await
+        .unwrap();
+    let id = OrderId::parse(created.body["order_id"].as_str().unwrap()).unwrap();
+    let slow = SagaId::new();
+    assert!(!orders.fence(&id, slow).await.unwrap(), "nothing committed");
+    assert!(
+        !orders.fence(&id, slow).await.unwrap(),
+        "a repeat is the same"
+    );
+    assert_eq!(
+        orders.freeze(&id, slow, None).await.unwrap(),
+        Freeze::Fenced,
+        "a fenced saga took the order"
+    );
+    assert!(!orders.commit(&id, slow).await.unwrap());
+    // The mark is the fenced saga's alone: the next checkout takes the order.
+    let next = SagaId::new();
+    assert!(matches!(
+        orders.freeze(&id, next, None).await.unwrap(),
+        Freeze::Frozen(ref o) if o.checkout == Some(next)
+    ));
+    assert!(orders.commit(&id, next).await.unwrap());
+    let order = orders.find(&id).await.unwrap();
+    assert_eq!(order.paid_by, Some(next));
+}
