@@ -129,7 +129,8 @@ fn step_lifetime(step_timeout: Duration) -> Duration {
 /// still arrive and be applied: another driver (recovery, an operator) may
 /// compensate while the first step is still being sent, and in sequential
 /// mode the second step is first sent only after the first ended. The
-/// participants' tombstones must outlive this.
+/// participants' tombstones must outlive this (checked by a test).
+#[cfg(test)]
 fn command_horizon(step_timeout: Duration) -> Duration {
     2 * step_lifetime(step_timeout)
 }

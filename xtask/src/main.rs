@@ -4,6 +4,7 @@
 //! `up`, shutdown in `down`, the gateway in `gateway`, the test pipeline in `test_cmd`. The
 //! process kit they use is the library half of this crate (`xtask::...`).
 
+mod chaos;
 mod down;
 mod fleet;
 mod interrupt;
@@ -37,7 +38,7 @@ commands:
   supervise [--detach]
                  supervise a running fleet again (`up` starts a supervisor by itself)
   validate       check the deployment files offline
-  test           fmt, clippy, validate, up, cargo test, pytest, down: the CI pipeline
+  test           fmt, clippy, validate, up, cargo test, pytest, chaos, down: the CI pipeline
 ";
 
 /// The repository root: the parent of this crate's directory.
@@ -90,7 +91,12 @@ fn one_arg<'a>(cmd: &str, rest: &'a [String]) -> Result<&'a str> {
 fn run(args: &[String]) -> Result<()> {
     let root = repo_root();
     let Some((cmd, rest)) = args.split_first() else {
-        print!("{USAGE}{}{}", xtask::sagas::USAGE, xtask::dlq::USAGE);
+        print!(
+            "{USAGE}{}{}{}",
+            xtask::sagas::USAGE,
+            xtask::dlq::USAGE,
+            chaos::USAGE
+        );
         return Ok(());
     };
     match cmd.as_str() {
@@ -146,8 +152,18 @@ fn run(args: &[String]) -> Result<()> {
         "dlq" => {
             tokio::runtime::Runtime::new()?.block_on(xtask::dlq::cli(rest, &fleet::amqp_url()))
         }
+        "chaos" => {
+            let opts = chaos::parse(rest)?;
+            interrupt::install();
+            chaos::run(&root, &opts)
+        }
         "help" | "--help" | "-h" => {
-            print!("{USAGE}{}{}", xtask::sagas::USAGE, xtask::dlq::USAGE);
+            print!(
+                "{USAGE}{}{}{}",
+                xtask::sagas::USAGE,
+                xtask::dlq::USAGE,
+                chaos::USAGE
+            );
             Ok(())
         }
         other => bail!("unknown command {other:?}\n\n{USAGE}"),

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{down, fleet, interrupt, up, validate};
+use crate::{chaos, down, fleet, interrupt, up, validate};
 use xtask::{ensure_installed, find_binary};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +100,7 @@ impl Drop for DownGuard<'_> {
 pub fn run(root: &Path) -> Result<()> {
     let mut r = Runner {
         outcomes: Vec::new(),
-        total: 8,
+        total: 9,
     };
     r.step("install", || install(root));
     r.step("fmt", || {
@@ -144,9 +144,12 @@ pub fn run(root: &Path) -> Result<()> {
             Ok(())
         });
         r.step("pytest", || pytest(root, &gateway_url));
+        // Every fault kind once under load: about two minutes (longer only if healing is slow).
+        r.step("chaos", || chaos::run(root, &chaos::Options::default()));
     } else {
         r.skip("cargo test", "the fleet did not start");
         r.skip("pytest", "the fleet did not start");
+        r.skip("chaos", "the fleet did not start");
     }
     guard.armed = false;
     r.step("down", || down::run(root));
