@@ -14,8 +14,16 @@
 //! ([`RedisTarget::Sentinel`]) is a master and two replicas, and whatever this
 //! module returns may be acknowledged (an HTTP 2xx, a message ack, a saga
 //! decision), so it must survive the master's death:
-//! - after writes, `WAIT 1 <REDIS_WAIT_TIMEOUT_MS>` must report a replica that
-//!   has them;
+//! - after writes, `WAIT <n> <REDIS_WAIT_TIMEOUT_MS>` must report that every
+//!   healthy replica has them: `n` is the number of replicas the master sees
+//!   online and acknowledging (an ACK within the last second), at least one.
+//!   One replica is not enough when both are up: Sentinel may promote the
+//!   other one (it prefers the replica it heard from last, which need not be
+//!   the one that had the write), and a write only the demoted pair held is
+//!   gone (seen under chaos: a master killed, the new master falsely failed
+//!   over a second later, the lagging replica promoted). A replica that is
+//!   down, stalled or still syncing counts out, so one failure never makes
+//!   writes wait for it;
 //! - a transaction that wrote nothing ([`Tx::Abort`]: a replayed answer, a
 //!   recorded outcome, "already done") returns what it read, and that may be a
 //!   write whose own WAIT failed (its caller got a 503). So a marker write
@@ -182,7 +190,15 @@ pub struct Store {
     /// How long an operation keeps retrying through connection errors (a failover takes ~2-3 s)
     /// and writes no replica confirmed.
     retry_budget: Duration,
+    /// How many replicas a write must reach (see the module comment), and when
+    /// the master was last asked.
+    healthy_replicas: std::sync::Mutex<Option<(Instant, i64)>>,
 }
+
+/// How long the count of healthy replicas is trusted before the master is asked again.
+const REPLICA_COUNT_TTL: Duration = Duration::from_millis(250);
+/// A replica whose last ACK is older than this (seconds, as INFO reports it) counts out.
+const MAX_REPLICA_LAG_SECS: i64 = 1;
 
 /// Written (with a short expiry) to confirm a read: see the module comment.
 const MARK_KEY: &str = "durability:mark";
@@ -263,6 +279,7 @@ impl Store {
             target: target.clone(),
             wait_timeout,
             retry_budget: DEFAULT_RETRY_BUDGET,
+            healthy_replicas: std::sync::Mutex::new(None),
         })
     }
 
@@ -606,27 +623,56 @@ impl Store {
         .await
     }
 
-    /// `WAIT 1 <timeout>` after writes on `conn`: Ok once a replica has them
-    /// (at once on a [`RedisTarget::Direct`] store); see the module comment.
+    /// `WAIT <n> <timeout>` after writes on `conn`: Ok once every healthy
+    /// replica has them (at once on a [`RedisTarget::Direct`] store); see the
+    /// module comment.
     async fn wait_for_replica(&self, conn: &mut Conn) -> Result<(), StoreError> {
         if !self.replicated() {
             return Ok(());
         }
+        let needed = self.replicas_to_confirm(conn, false).await?;
         conn.set_reply_timeout(self.wait_timeout + WAIT_REPLY_MARGIN);
         let acked: i64 = redis::cmd("WAIT")
-            .arg(1)
+            .arg(needed)
             .arg(self.wait_ms())
             .query_async(conn)
             .await
             .map_err(StoreError::Redis)?;
         conn.set_reply_timeout(REPLY_TIMEOUT);
-        self.replica_confirmed(acked)
+        self.replicas_confirmed(conn, acked, needed).await
+    }
+
+    /// How many replicas a write must reach: those the master sees online
+    /// with an ACK in the last second, at least one. Asked of the master
+    /// (`INFO replication`, on `conn`) at most every [`REPLICA_COUNT_TTL`],
+    /// or now when `fresh`.
+    async fn replicas_to_confirm(&self, conn: &mut Conn, fresh: bool) -> Result<i64, StoreError> {
+        let cached = *self
+            .healthy_replicas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let (false, Some((asked, n))) = (fresh, cached) {
+            if asked.elapsed() < REPLICA_COUNT_TTL {
+                return Ok(n);
+            }
+        }
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(conn)
+            .await
+            .map_err(StoreError::Redis)?;
+        let n = healthy_replicas(&info).max(1);
+        *self
+            .healthy_replicas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), n));
+        Ok(n)
     }
 
     /// Ends any WATCH on `conn`, and on a replicated store makes sure a replica
     /// holds everything the master held when `conn` read: a marker write puts
     /// this connection's replication offset past all of it, and WAIT waits for
-    /// that offset. One round trip.
+    /// that offset. One round trip (two when the replica count is due).
     async fn confirm_read(&self, conn: &mut Conn) -> Result<(), StoreError> {
         let mut commands = redis::pipe();
         commands.cmd("UNWATCH").ignore();
@@ -636,6 +682,7 @@ impl Store {
                 .await
                 .map_err(StoreError::Redis);
         }
+        let needed = self.replicas_to_confirm(conn, false).await?;
         commands
             .cmd("SET")
             .arg(MARK_KEY)
@@ -644,7 +691,7 @@ impl Store {
             .arg(MARK_TTL_MS)
             .ignore()
             .cmd("WAIT")
-            .arg(1)
+            .arg(needed)
             .arg(self.wait_ms());
         conn.set_reply_timeout(self.wait_timeout + WAIT_REPLY_MARGIN);
         let (acked,): (i64,) = commands
@@ -652,16 +699,27 @@ impl Store {
             .await
             .map_err(StoreError::Redis)?;
         conn.set_reply_timeout(REPLY_TIMEOUT);
-        self.replica_confirmed(acked)
+        self.replicas_confirmed(conn, acked, needed).await
     }
 
     fn wait_ms(&self) -> u64 {
         self.wait_timeout.as_millis() as u64
     }
 
-    /// Judges WAIT's answer: the number of replicas that confirmed.
-    fn replica_confirmed(&self, replicas: i64) -> Result<(), StoreError> {
-        if replicas >= 1 {
+    /// Judges WAIT's answer: the number of replicas that confirmed, of the
+    /// `needed`. Fewer may still do when a replica went down or stalled
+    /// meanwhile: the master is asked again, and what every replica healthy
+    /// now has (at least one) is enough.
+    async fn replicas_confirmed(
+        &self,
+        conn: &mut Conn,
+        replicas: i64,
+        needed: i64,
+    ) -> Result<(), StoreError> {
+        if replicas >= needed {
+            return Ok(());
+        }
+        if replicas >= 1 && replicas >= self.replicas_to_confirm(conn, true).await? {
             return Ok(());
         }
         metrics::counter!("redis_not_durable_total", "reason" => "wait").increment(1);
@@ -690,6 +748,24 @@ impl Store {
             other => Err(other),
         }
     }
+}
+
+/// The replicas an `INFO replication` reply shows online and acknowledging
+/// (`slaveN:ip=…,port=…,state=online,offset=…,lag=0`).
+fn healthy_replicas(info: &str) -> i64 {
+    info.lines()
+        .filter(|line| line.starts_with("slave") && line.contains(':'))
+        .filter(|line| {
+            let field = |name: &str| {
+                line.split([':', ','])
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            };
+            field("state") == Some("online")
+                && field("lag")
+                    .and_then(|lag| lag.trim().parse::<i64>().ok())
+                    .is_some_and(|lag| lag <= MAX_REPLICA_LAG_SECS)
+        })
+        .count() as i64
 }
 
 /// A failure the next try may not meet again.
@@ -763,4 +839,24 @@ pub fn is_retryable(e: &RedisError) -> bool {
         e.code(),
         Some("READONLY" | "LOADING" | "TRYAGAIN" | "MASTERDOWN" | "EXECABORT" | "NOREPLICAS")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_online_replicas_that_acknowledged_lately_count() {
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:3\r\n\
+            min_slaves_good_slaves:2\r\n\
+            slave0:ip=127.0.0.1,port=6411,state=online,offset=3195244,lag=0\r\n\
+            slave1:ip=127.0.0.1,port=6421,state=online,offset=3159268,lag=1\r\n\
+            slave2:ip=127.0.0.1,port=6401,state=wait_bgsave,offset=0,lag=0\r\n\
+            master_failover_state:no-failover\r\n";
+        assert_eq!(healthy_replicas(info), 2);
+        let stalled = "slave0:ip=127.0.0.1,port=6411,state=online,offset=1,lag=4\r\n\
+            slave1:ip=127.0.0.1,port=6421,state=online,offset=1,lag=0\r\n";
+        assert_eq!(healthy_replicas(stalled), 1);
+        assert_eq!(healthy_replicas("role:master\r\nconnected_slaves:0\r\n"), 0);
+    }
 }

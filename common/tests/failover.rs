@@ -335,3 +335,69 @@ async fn without_a_replica_writes_are_refused_not_acknowledged_and_resume_when_o
     );
     assert_eq!(credit_on(&master), 4, "the retry applied the write again");
 }
+
+/// With both replicas healthy, an acknowledged write is on both of them, not
+/// just on the faster one: Sentinel may promote either (it promoted the
+/// lagging one in a chaos run, after a false second failover, and writes
+/// only the other replica had were lost). One replica stalls briefly (well
+/// under a second, so the master still counts it healthy): the write waits
+/// for it, and once it returns the master has seen both replicas take it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_both_replicas_healthy_an_acknowledged_write_is_on_both() {
+    let dir = ScratchDir::new("durability-test").unwrap();
+    let SentinelSet {
+        master,
+        mut replicas,
+        sentinels,
+    } = SentinelSet::start(dir.path(), MASTER_NAME, Duration::from_secs(20)).unwrap();
+    let store = Store::new(&target(&sentinels), Duration::from_millis(1500)).unwrap();
+    let store = Arc::new(store.with_retry_budget(BUDGET));
+    let mut credit = Credit::seeded(store.clone()).await;
+    assert!(credit.add().await);
+
+    let mut slow = replicas.pop().unwrap();
+    slow.pause().unwrap();
+    let waker = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        slow.resume().unwrap();
+        slow
+    });
+    let started = Instant::now();
+    assert!(credit.add().await, "the write failed");
+    let took = started.elapsed();
+    // What the master knows the replicas acknowledged (REPLCONF ACK offsets), right after.
+    let info = master.command(&["INFO", "replication"]).unwrap();
+    let info = info.as_text().unwrap().to_string();
+    let _slow = waker.join().unwrap();
+    let offset = |prefix: &str| -> i64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let master_offset = offset("master_repl_offset:");
+    let acked: Vec<i64> = info
+        .lines()
+        .filter(|l| l.starts_with("slave") && l.contains("state="))
+        .map(|l| {
+            l.split(',')
+                .find_map(|kv| kv.strip_prefix("offset="))
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    println!("write took {took:?}; master offset {master_offset}, replicas acknowledged {acked:?}");
+    assert_eq!(acked.len(), 2, "{info}");
+    assert!(
+        took >= Duration::from_millis(250),
+        "the write was acknowledged before the stalled replica had it ({took:?})"
+    );
+    assert!(
+        acked.iter().all(|&a| a >= master_offset - 100),
+        "a replica had not acknowledged the write: {acked:?} vs {master_offset}"
+    );
+    credit.check(credit_on(&master));
+}
