@@ -68,6 +68,7 @@ rendered=$(mktemp -d)
 trap 'rm -rf "$rendered"' EXIT
 render_manifests "$rendered" "$IMAGE_REGISTRY/fleet-"
 apply_manifests "$rendered"
+apply_monitoring
 wait_for_services
 
 if [ "${SKIP_INGRESS:-0}" = 1 ]; then

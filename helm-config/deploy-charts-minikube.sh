@@ -54,6 +54,7 @@ rendered=$(mktemp -d)
 trap 'rm -rf "$rendered"' EXIT
 render_manifests "$rendered" "fleet/"
 apply_manifests "$rendered"
+apply_monitoring
 wait_for_services
 
 gateway="http://$(minikube ip):30080"

@@ -212,6 +212,17 @@ apply_manifests() {
     kubectl apply --namespace "$NAMESPACE" -f "$1"
 }
 
+# apply_monitoring: the ServiceMonitor of deploy/monitoring/k8s/, only where the Prometheus
+# Operator's CRD exists (without it `kubectl apply` would fail on an unknown kind).
+apply_monitoring() {
+    if kubectl get crd servicemonitors.monitoring.coreos.com >/dev/null 2>&1; then
+        log "ServiceMonitor fleet (Prometheus Operator found)"
+        kubectl apply --namespace "$NAMESPACE" -f "$REPO_ROOT/deploy/monitoring/k8s/servicemonitor.yaml"
+    else
+        log "no Prometheus Operator (CRD servicemonitors.monitoring.coreos.com): ServiceMonitor skipped"
+    fi
+}
+
 wait_for_services() {
     local svc
     for svc in "${SERVICES[@]}"; do

@@ -12,7 +12,7 @@
 #   SENTINEL_MASTERS        space-separated name=host pairs, e.g. "order=redis-order-master"
 #   SENTINEL_QUORUM         default 2
 #   SENTINEL_DOWN_AFTER_MS  default 2000
-#   SENTINEL_FAILOVER_TIMEOUT_MS default 5000
+#   SENTINEL_FAILOVER_TIMEOUT_MS default 3000 (see env/sentinel.env)
 set -eu
 
 : "${REDIS_PASSWORD:?set REDIS_PASSWORD (env/redis.env)}"
@@ -20,7 +20,7 @@ set -eu
 : "${SENTINEL_MASTERS:?set SENTINEL_MASTERS, e.g. order=redis-order-master}"
 quorum=${SENTINEL_QUORUM:-2}
 down_after=${SENTINEL_DOWN_AFTER_MS:-2000}
-failover_timeout=${SENTINEL_FAILOVER_TIMEOUT_MS:-5000}
+failover_timeout=${SENTINEL_FAILOVER_TIMEOUT_MS:-3000}
 
 conf=/data/sentinel.conf
 if [ ! -s "$conf" ]; then

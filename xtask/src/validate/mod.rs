@@ -11,6 +11,7 @@
 //! | nginx       | `nginx -t` on the compose gateway config and `gateway/nginx.conf.template`   |
 //! | shellcheck  | `shellcheck -x` on `helm-config/*.sh`, `.ci/run` and every `*.sh`            |
 //! | consistency | names, ports and keys that k8s/, helm-config/, compose and env/ must share   |
+//! | monitoring  | dashboard queries name emitted metrics; Prometheus/ServiceMonitor targets    |
 //!
 //! Nothing here needs a network (once the tools are installed), a Docker engine, Helm or a
 //! cluster.
@@ -22,6 +23,7 @@
 mod compose;
 mod consistency;
 mod k8s;
+mod monitoring;
 mod nginx;
 mod shared;
 mod shellcheck;
@@ -35,6 +37,7 @@ use anyhow::{bail, Context, Result};
 use compose::check_compose;
 use consistency::check_consistency;
 use k8s::check_k8s;
+use monitoring::check_monitoring;
 use nginx::check_nginx;
 use shellcheck::check_shellcheck;
 use tools::ensure_tools;
@@ -50,7 +53,7 @@ pub fn run(root: &Path) -> Result<()> {
         .canonicalize()
         .with_context(|| format!("repository root {}", root.display()))?;
     // `tools` comes first: the steps after it run what it installs.
-    let steps: [(&str, Step); 7] = [
+    let steps: [(&str, Step); 8] = [
         ("tools", ensure_tools),
         ("k8s", check_k8s),
         ("compose", check_compose),
@@ -58,6 +61,7 @@ pub fn run(root: &Path) -> Result<()> {
         ("nginx", check_nginx),
         ("shellcheck", check_shellcheck),
         ("consistency", check_consistency),
+        ("monitoring", check_monitoring),
     ];
     // A failed step does not stop the run: one run shows every problem of the deployment
     // files, instead of one problem a run.
