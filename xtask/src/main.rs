@@ -4,6 +4,7 @@
 //! `up`, shutdown in `down`, the gateway in `gateway`, the test pipeline in `test_cmd`. The
 //! process kit they use is the library half of this crate (`xtask::...`).
 
+mod bench;
 mod chaos;
 mod down;
 mod fleet;
@@ -92,10 +93,11 @@ fn run(args: &[String]) -> Result<()> {
     let root = repo_root();
     let Some((cmd, rest)) = args.split_first() else {
         print!(
-            "{USAGE}{}{}{}",
+            "{USAGE}{}{}{}{}",
             xtask::sagas::USAGE,
             xtask::dlq::USAGE,
-            chaos::USAGE
+            chaos::USAGE,
+            bench::USAGE
         );
         return Ok(());
     };
@@ -152,6 +154,11 @@ fn run(args: &[String]) -> Result<()> {
         "dlq" => {
             tokio::runtime::Runtime::new()?.block_on(xtask::dlq::cli(rest, &fleet::amqp_url()))
         }
+        "bench" => {
+            let opts = bench::parse(rest)?;
+            interrupt::install();
+            bench::run(&root, &opts)
+        }
         "chaos" => {
             let opts = chaos::parse(rest)?;
             interrupt::install();
@@ -159,10 +166,11 @@ fn run(args: &[String]) -> Result<()> {
         }
         "help" | "--help" | "-h" => {
             print!(
-                "{USAGE}{}{}{}",
+                "{USAGE}{}{}{}{}",
                 xtask::sagas::USAGE,
                 xtask::dlq::USAGE,
-                chaos::USAGE
+                chaos::USAGE,
+                bench::USAGE
             );
             Ok(())
         }
