@@ -19,8 +19,18 @@ REPO_ROOT=$(cd "$HELM_CONFIG_DIR/.." && pwd)
 NAMESPACE=${NAMESPACE:-fleet}
 BITNAMI_CHARTS=${BITNAMI_CHARTS:-oci://registry-1.docker.io/bitnamicharts}
 REDIS_CHART_VERSION=${REDIS_CHART_VERSION:-20.11.3}
-RABBITMQ_CHART_VERSION=${RABBITMQ_CHART_VERSION:-16.0.14}
-INGRESS_NGINX_CHART_VERSION=${INGRESS_NGINX_CHART_VERSION:-4.13.0}
+# RabbitMQ 3.13 in k8s, the major version compose runs (rabbitmq:3-management, the tag
+# ../shared/compose-proof/run.sh provides) and the local fleet (the distribution's
+# rabbitmq-server, 3.10 on Debian 12): chart 14.7.0
+# is the last Bitnami rabbitmq chart whose appVersion is 3.13.x (3.13.7, image tag
+# 3.13.7-debian-12-r2; bitnami/charts bitnami/rabbitmq/Chart.yaml, 2024-09-12). From 15.0.0
+# (2024-09-20) the chart ships RabbitMQ 4.x (16.0.14: 4.1).
+RABBITMQ_CHART_VERSION=${RABBITMQ_CHART_VERSION:-14.7.0}
+# The newest patch of the 4.13 line: helm-chart-4.13.9 (2026-03-19, controller v1.13.9;
+# kubernetes/ingress-nginx charts/ingress-nginx/changelog/helm-chart-4.13.9.md). 4.13.1 to
+# 4.13.9 only move the controller image (values.yaml keys unchanged since 4.13.0), each
+# release carrying the controller's later fixes. 4.14.x/4.15.x exist (4.15.1, same day).
+INGRESS_NGINX_CHART_VERSION=${INGRESS_NGINX_CHART_VERSION:-4.13.9}
 HELM_TIMEOUT=${HELM_TIMEOUT:-10m}
 
 # One Bitnami Redis release (3 nodes + 3 Sentinels) per store.
@@ -164,6 +174,17 @@ install_rabbitmq() {
     # with another policy (the chart's default, OrderedReady, before rabbitmq-values.yaml
     # set Parallel) is deleted without its pods (--cascade=orphan): the nodes keep running
     # on their volumes, and the StatefulSet helm creates again adopts them.
+    # RabbitMQ cannot be downgraded in place: nodes that ran 4.x (the chart pinned before,
+    # 16.0.14) keep 4.x feature flags on their volumes, and 3.13 refuses to start on them.
+    local image
+    image=$(kubectl -n "$NAMESPACE" get statefulset rabbitmq \
+        -o 'jsonpath={.spec.template.spec.containers[0].image}' 2>/dev/null || true)
+    case "$image" in
+        *:[4-9].*)
+            die "statefulset/rabbitmq runs $image; this chart runs RabbitMQ 3.13, which cannot start on a 4.x node's data: \
+helm -n $NAMESPACE uninstall rabbitmq && kubectl -n $NAMESPACE delete pvc -l app.kubernetes.io/instance=rabbitmq (loses queued messages), then deploy again"
+            ;;
+    esac
     local wanted current
     wanted=$(sed -n 's/^podManagementPolicy:[[:space:]]*\([A-Za-z]*\).*/\1/p' "$HELM_CONFIG_DIR/rabbitmq-values.yaml")
     current=$(kubectl -n "$NAMESPACE" get statefulset rabbitmq \
@@ -209,7 +230,30 @@ ingress_address() {
 # (k8s/secrets/ holds only a template and is not applied: `-f dir` does not recurse.)
 apply_manifests() {
     log "manifests from $1"
+    forget_applied_replicas "$1"
     kubectl apply --namespace "$NAMESPACE" -f "$1"
+}
+
+# forget_applied_replicas <dir>: the Deployments no longer set spec.replicas (their HPA
+# owns the count). A client-side `kubectl apply` deletes a field that the last applied
+# configuration had and the file lacks, so the first apply after that change would set
+# replicas to the default 1 (one pod killed) until the HPA raises it again. For each
+# Deployment whose last applied configuration still names replicas, that annotation is
+# first set to the new file (`kubectl apply set-last-applied`, which changes nothing else),
+# as the Kubernetes documentation on migrating Deployments to autoscaling advises.
+forget_applied_replicas() {
+    local svc last
+    for svc in "${SERVICES[@]}"; do
+        last=$(kubectl -n "$NAMESPACE" get deployment "$svc" \
+            -o 'jsonpath={.metadata.annotations.kubectl\.kubernetes\.io/last-applied-configuration}' \
+            2>/dev/null || true)
+        case "$last" in
+            *'"replicas"'*)
+                log "deployment/$svc: replicas left to its HPA (last-applied configuration updated)"
+                kubectl -n "$NAMESPACE" apply set-last-applied -f "$1/$svc.yaml"
+                ;;
+        esac
+    done
 }
 
 # apply_monitoring: the ServiceMonitor of deploy/monitoring/k8s/, only where the Prometheus

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -15,8 +16,16 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::error::ApiError;
 
 /// Answers `Ok` when every dependency the service needs is reachable, else says which is not.
+/// `/ready` gives it at most [`READY_BOUND`].
 pub type ReadinessProbe =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// The longest `/ready` takes to answer: a probe still running then is a 503. Every readiness
+/// probe of a deployment (k8s `readinessProbe.timeoutSeconds`, the compose healthcheck) waits
+/// longer than this plus a margin (`common/tests/timeout_budget.rs`), so a probe sees an
+/// answer, never its own timeout. The services' probe (`service::readiness`) bounds each of
+/// its checks by a shorter `READY_CHECK_TIMEOUT`; this is the ceiling for any probe.
+pub const READY_BOUND: Duration = Duration::from_millis(1500);
 
 /// Adds the operational endpoints, the JSON fallbacks and request metrics to `business`.
 pub fn with_ops(business: Router, ready: ReadinessProbe, metrics: PrometheusHandle) -> Router {
@@ -30,10 +39,16 @@ pub fn with_ops(business: Router, ready: ReadinessProbe, metrics: PrometheusHand
             get(move || {
                 let ready = ready.clone();
                 async move {
-                    match ready().await {
-                        Ok(()) => (StatusCode::OK, Json(serde_json::json!({"status": "ready"})))
-                            .into_response(),
-                        Err(why) => ApiError::Unavailable(why).into_response(),
+                    match tokio::time::timeout(READY_BOUND, ready()).await {
+                        Ok(Ok(())) => {
+                            (StatusCode::OK, Json(serde_json::json!({"status": "ready"})))
+                                .into_response()
+                        }
+                        Ok(Err(why)) => ApiError::Unavailable(why).into_response(),
+                        Err(_) => ApiError::Unavailable(format!(
+                            "the readiness checks did not finish within {READY_BOUND:?}"
+                        ))
+                        .into_response(),
                     }
                 }
             }),

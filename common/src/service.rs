@@ -2,28 +2,62 @@
 //! probe over their dependencies, and serving the router.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
+use futures::future::join_all;
 
 use crate::broker::Broker;
 use crate::http::ReadinessProbe;
 use crate::redis_store::Store;
 
-/// Ready when every store's master answers and the broker connection is up.
+/// How long `/ready` waits for any one dependency (a store's PING, the broker link). A check
+/// that takes longer fails: the probe must not wait out the store pool's wait timeout (5 s)
+/// or a broker reconnect, which are longer than a readiness probe's own timeout, so under
+/// load the probe would time out instead of answering (and flap). A master that cannot
+/// answer a PING within a second is not one to send traffic to. Shorter than
+/// [`crate::http::READY_BOUND`], so the answer can still name what is missing.
+pub const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+const _: () = assert!(READY_CHECK_TIMEOUT.as_millis() < crate::http::READY_BOUND.as_millis());
+
+/// Ready when every store's master answers and the broker connection is up. The checks run
+/// concurrently, each bounded by [`READY_CHECK_TIMEOUT`], so the answer comes within it
+/// whatever hangs; the error names every dependency that failed.
 pub fn readiness(stores: Vec<Arc<Store>>, broker: Arc<Broker>) -> ReadinessProbe {
     Arc::new(move || {
         let stores = stores.clone();
         let broker = broker.clone();
         Box::pin(async move {
-            for store in &stores {
-                if !store.ping().await {
-                    return Err(format!("{} is not reachable", store.target()));
+            let store_checks = stores.iter().map(|store| async move {
+                match tokio::time::timeout(READY_CHECK_TIMEOUT, store.ping()).await {
+                    Ok(true) => None,
+                    Ok(false) => Some(format!("{} is not reachable", store.target())),
+                    Err(_) => Some(format!(
+                        "{} did not answer within {READY_CHECK_TIMEOUT:?}",
+                        store.target()
+                    )),
                 }
+            });
+            let broker_check = async {
+                match tokio::time::timeout(READY_CHECK_TIMEOUT, broker.is_ready()).await {
+                    Ok(true) => None,
+                    Ok(false) => Some("the broker is not reachable".to_string()),
+                    Err(_) => Some(format!(
+                        "the broker did not answer within {READY_CHECK_TIMEOUT:?}"
+                    )),
+                }
+            };
+            let (stores_failed, broker_failed) = tokio::join!(join_all(store_checks), broker_check);
+            let failed: Vec<String> = stores_failed
+                .into_iter()
+                .chain(std::iter::once(broker_failed))
+                .flatten()
+                .collect();
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(failed.join("; "))
             }
-            if !broker.is_ready().await {
-                return Err("the broker is not reachable".into());
-            }
-            Ok(())
         })
     })
 }

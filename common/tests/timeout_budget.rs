@@ -9,11 +9,17 @@
 //! refusal could ever be answered in time. Checked for the defaults and for
 //! every deployment that sets these values (compose env file, k8s ConfigMap)
 //! against every gateway (local template, compose nginx, k8s Ingress).
+//!
+//! Below the services, `/ready` answers within `common::http::READY_BOUND`, and
+//! every readiness probe that asks it (k8s `readinessProbe`, the compose
+//! healthcheck) waits longer than that plus a margin: a probe must see the
+//! answer, not its own timeout, or a slow store makes the pods flap.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::config::ENV_VARS;
+use common::http::READY_BOUND;
 use common::redis_store::DEFAULT_RETRY_BUDGET;
 
 fn root() -> PathBuf {
@@ -107,5 +113,85 @@ fn timeouts_nest_from_the_gateway_down() {
                  take {checkout:?} plus a store retry budget of {DEFAULT_RETRY_BUDGET:?}"
             );
         }
+    }
+}
+
+/// What a probe's timeout must leave beyond [`READY_BOUND`]: the HTTP round trip and the
+/// scheduling of a busy node (the kubelet's or the container runtime's own latency).
+const PROBE_MARGIN: Duration = Duration::from_secs(1);
+
+/// The lines under each line of `text` whose key is `key` (`readinessProbe:`), up to the
+/// next line indented no deeper than it: the body of that YAML mapping.
+fn yaml_blocks(text: &str, key: &str) -> Vec<String> {
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut blocks = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim_start().starts_with('#') || line.trim() != key {
+            continue;
+        }
+        let body: Vec<&str> = lines[i + 1..]
+            .iter()
+            .take_while(|l| l.trim().is_empty() || indent(l) > indent(line))
+            .copied()
+            .collect();
+        blocks.push(body.join("\n"));
+    }
+    blocks
+}
+
+#[test]
+fn readiness_probes_outwait_ready() {
+    let needed = READY_BOUND + PROBE_MARGIN;
+    // (where, timeout in seconds) of every probe that asks /ready.
+    let mut probes = Vec::new();
+    let mut manifests: Vec<PathBuf> = std::fs::read_dir(root().join("k8s"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    manifests.sort();
+    for path in manifests {
+        let file = format!("k8s/{}", path.file_name().unwrap().to_string_lossy());
+        for block in yaml_blocks(&read(&file), "readinessProbe:") {
+            // Kubernetes' default timeoutSeconds is 1.
+            let secs = if block.contains("timeoutSeconds") {
+                number_after(&block, "timeoutSeconds", &file)
+            } else {
+                1
+            };
+            probes.push((format!("{file} readinessProbe"), secs));
+        }
+    }
+    let compose = read("docker-compose.yml");
+    for block in yaml_blocks(&compose, "healthcheck:") {
+        if block.contains("/ready") {
+            // Compose's default timeout is 30 s; this project states it.
+            let secs = number_after(&block, "timeout:", "docker-compose.yml");
+            probes.push(("docker-compose.yml healthcheck".to_string(), secs));
+        }
+    }
+    // The compose healthcheck's script waits this long for the status line.
+    let script = "deploy/docker/healthcheck.sh";
+    probes.push((
+        format!("{script} read"),
+        number_after(&read(script), "read -r -t", script),
+    ));
+    let k8s = probes.iter().filter(|(w, _)| w.starts_with("k8s/")).count();
+    assert!(
+        k8s >= 3,
+        "expected a readinessProbe per service in k8s/: {probes:?}"
+    );
+    assert!(
+        probes.iter().any(|(w, _)| w.starts_with("docker-compose")),
+        "no compose healthcheck asks /ready"
+    );
+    for (probe, secs) in &probes {
+        let timeout = Duration::from_secs(*secs);
+        assert!(
+            timeout >= needed,
+            "{probe} gives up after {timeout:?}, but /ready may take {READY_BOUND:?} \
+             (common::http::READY_BOUND) and a probe needs {PROBE_MARGIN:?} more"
+        );
     }
 }

@@ -12,6 +12,9 @@
 # (min-replicas-to-write 1, min-replicas-max-lag 10; 10 s so that a busy machine does not make
 # a healthy replica count as missing). A replica ignores both until it is promoted. Its
 # replicas' initial sync is not a write, so a master that starts first still lets them attach.
+# A full store refuses writes (maxmemory-policy noeviction, stated although it is Redis'
+# default), never drops keys. Compose sets no memory limit on these containers, so there is
+# no maxmemory here; the k8s nodes have one (helm-config/redis-values.yaml).
 #
 # Environment: REDIS_PASSWORD (env/redis.env), NODE_HOSTNAME (this node's compose name),
 # REPLICA_OF (the master's compose name; empty or unset for the initial master).
@@ -39,4 +42,4 @@ fi
 # The image's entrypoint fixes the ownership of /data and drops to the redis user.
 exec docker-entrypoint.sh redis-server "$conf" \
     --requirepass "$REDIS_PASSWORD" --masterauth "$REDIS_PASSWORD" \
-    --min-replicas-to-write 1 --min-replicas-max-lag 10
+    --min-replicas-to-write 1 --min-replicas-max-lag 10 --maxmemory-policy noeviction

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::broker::persistent_json;
 use common::config::StepOrder;
+use common::http::READY_BOUND;
 use common::messages::{Action, Batch, Command, Outcome, Reply as StepReply};
 use common::types::{Amount, SagaId, UserId};
 use futures::StreamExt;
@@ -44,6 +45,9 @@ const UNREADY_BOUND: Duration = Duration::from_secs(5);
 const READY_AGAIN_BOUND: Duration = Duration::from_secs(10);
 /// How long one `/ready` or `/health` probe may take to answer at all.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// What a `/ready` answer may take beyond `common::http::READY_BOUND`: the
+/// local HTTP round trip on a busy machine.
+const READY_SLACK: Duration = Duration::from_millis(500);
 /// The longest a write may take to answer while its store is unreachable:
 /// the store's retry budget (15 s, `redis_store::Store`) plus its connect and
 /// command timeouts.
@@ -219,6 +223,11 @@ async fn ready_follows_every_store_and_broker_link(amqp: &str) {
             // Still unready after those probes: no flapping back while the link is down.
             let again = send(f.http.get(&ready), PROBE_TIMEOUT).await;
             assert_unavailable(&format!("{ready} with {link} still down"), &again);
+            assert!(
+                again.took <= READY_BOUND + READY_SLACK,
+                "{link} down: {ready} took {:?}, more than {READY_BOUND:?}",
+                again.took
+            );
         }
         proxy.set_mode(Mode::Forward);
         let up = poll(&f, &ready, READY_AGAIN_BOUND, |s| s == 200)
@@ -229,6 +238,54 @@ async fn ready_follows_every_store_and_broker_link(amqp: &str) {
         println!(
             "  {link}: /ready {} after {:?} ({}), 200 again after {:?}",
             down.status, down.took, down.body["error"], up.took
+        );
+    }
+}
+
+/// `/ready` answers 503 within `common::http::READY_BOUND` when a store
+/// takes commands but never answers (the fault proxy swallows its replies:
+/// a hung master, the case where waiting on the store would outlast a
+/// readiness probe's timeout), every time it is asked, and names the store;
+/// the service is ready again once the store answers.
+async fn ready_answers_within_its_bound_when_a_store_hangs(amqp: &str) {
+    let (f, links) = proxied_fleet(amqp, &Options::default()).await;
+    let bound = READY_BOUND + READY_SLACK;
+    let cases = [
+        ("stock's store", &links.stock_redis, &f.stock),
+        ("payment's store", &links.payment_redis, &f.payment),
+        ("order's store", &links.order_redis, &f.order),
+        ("order's saga store", &links.saga_redis, &f.order),
+    ];
+    for (link, proxy, service) in cases {
+        let ready = format!("{service}/ready");
+        proxy.set_mode(Mode::DropReplies);
+        let mut slowest = Duration::ZERO;
+        for _ in 0..3 {
+            let r = send(f.http.get(&ready), PROBE_TIMEOUT).await;
+            assert_unavailable(&format!("{ready} with {link} hung"), &r);
+            assert!(
+                r.took <= bound,
+                "{link} hung: {ready} took {:?}, more than {bound:?}",
+                r.took
+            );
+            let why = r.body["error"].as_str().unwrap_or_default();
+            assert!(
+                why.contains(&proxy.port().to_string()),
+                "{link} hung: {ready} does not name it: {why}"
+            );
+            slowest = slowest.max(r.took);
+        }
+        proxy.set_mode(Mode::Forward);
+        let up = poll(&f, &ready, READY_AGAIN_BOUND, |s| s == 200)
+            .await
+            .unwrap_or_else(|last| {
+                panic!(
+                    "{link} answers again, yet {ready} not 200 after {READY_AGAIN_BOUND:?}: {last}"
+                )
+            });
+        println!(
+            "  {link} hung: /ready 503 in at most {slowest:?} (bound {READY_BOUND:?}), 200 again after {:?}",
+            up.took
         );
     }
 }
@@ -756,6 +813,8 @@ async fn participant_scenarios() {
     let broker = test_broker(&format!("participants{}@localhost", std::process::id()));
     println!("scenario: ready_follows_every_store_and_broker_link");
     ready_follows_every_store_and_broker_link(&broker.url).await;
+    println!("scenario: ready_answers_within_its_bound_when_a_store_hangs");
+    ready_answers_within_its_bound_when_a_store_hangs(&broker.url).await;
     println!("scenario: a_write_to_an_unreachable_store_is_a_bounded_503");
     a_write_to_an_unreachable_store_is_a_bounded_503(&broker.url).await;
     println!("scenario: a_dead_payment_participant_leaves_nothing_taken");
