@@ -1,8 +1,7 @@
 //! The order's compare-and-sets against a real redis-server, through the
 //! fault proxy: what must hold when a transaction ran and its reply was lost.
 
-use common::idempotency::IdemKey;
-use common::types::{OrderId, SagaId, UserId};
+use common::types::SagaId;
 use order::orders::{Freeze, Orders};
 use xtask::{free_port, FaultProxy, RedisServer, ScratchDir};
 
@@ -18,14 +17,7 @@ async fn a_freeze_whose_reply_was_lost_is_frozen() {
     let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
     let proxy = FaultProxy::start(redis.port()).unwrap();
     let orders = Orders::new(direct_store(&format!("redis://127.0.0.1:{}", proxy.port())));
-    let created = orders
-        .create(
-            UserId::parse("u-1").unwrap(),
-            &IdemKey::random("/create/u-1"),
-        )
-        .await
-        .unwrap();
-    let id = OrderId::parse(created.body["order_id"].as_str().unwrap()).unwrap();
+    let id = support::new_order(&orders).await;
     let saga = SagaId::new();
     proxy.drop_reply_after(b"EXEC");
     let frozen = orders.freeze(&id, saga, None).await.unwrap();
@@ -46,14 +38,7 @@ async fn a_saga_fenced_before_it_froze_the_order_never_freezes_it() {
     let dir = ScratchDir::new("orders-test").unwrap();
     let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
     let orders = Orders::new(direct_store(&redis.url()));
-    let created = orders
-        .create(
-            UserId::parse("u-1").unwrap(),
-            &IdemKey::random("/create/u-1"),
-        )
-        .await
-        .unwrap();
-    let id = OrderId::parse(created.body["order_id"].as_str().unwrap()).unwrap();
+    let id = support::new_order(&orders).await;
     let slow = SagaId::new();
     assert!(!orders.fence(&id, slow).await.unwrap(), "nothing committed");
     assert!(

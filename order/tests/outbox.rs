@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use common::broker::Broker;
 use common::config::QueueType;
-use common::idempotency::IdemKey;
-use common::types::{OrderId, SagaId, UserId};
+use common::types::{OrderId, SagaId};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -160,14 +159,7 @@ async fn every_decision_reaches_the_consumer_as_one_event() {
 /// an order frozen for `saga`.
 async fn frozen_order(store_url: &str, saga: SagaId) -> (Orders, OrderId) {
     let orders = Orders::new(direct_store(store_url));
-    let created = orders
-        .create(
-            UserId::parse("u-1").unwrap(),
-            &IdemKey::random("/create/u-1"),
-        )
-        .await
-        .unwrap();
-    let id = OrderId::parse(created.body["order_id"].as_str().unwrap()).unwrap();
+    let id = support::new_order(&orders).await;
     assert!(matches!(
         orders.freeze(&id, saga, None).await.unwrap(),
         Freeze::Frozen(_)

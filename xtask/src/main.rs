@@ -7,6 +7,7 @@
 mod bench;
 mod chaos;
 mod down;
+mod flags;
 mod fleet;
 mod interrupt;
 mod kill;

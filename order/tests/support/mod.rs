@@ -59,6 +59,18 @@ pub fn direct_store(url: &str) -> Arc<Store> {
     )
 }
 
+/// A new, empty order of user `u-1`, made through `orders` (no service).
+pub async fn new_order(orders: &order::orders::Orders) -> common::types::OrderId {
+    let created = orders
+        .create(
+            common::types::UserId::parse("u-1").unwrap(),
+            &common::idempotency::IdemKey::random("/create/u-1"),
+        )
+        .await
+        .unwrap();
+    common::types::OrderId::parse(created.body["order_id"].as_str().unwrap()).unwrap()
+}
+
 /// The port of an `amqp://user:pass@host:port/vhost` URL.
 pub fn amqp_port(url: &str) -> u16 {
     let authority = url

@@ -127,7 +127,12 @@ impl Default for Options {
     }
 }
 
-fn positive<T: std::str::FromStr + PartialOrd + Default>(name: &str, v: &str) -> Result<T> {
+/// The value of the option just read by `flags`, which must be a positive number.
+fn positive<T: std::str::FromStr + PartialOrd + Default>(
+    name: &str,
+    flags: &mut crate::flags::Flags,
+) -> Result<T> {
+    let v = flags.value()?;
     match v.parse::<T>() {
         Ok(n) if n > T::default() => Ok(n),
         _ => bail!("{name} must be a positive number, not {v:?}"),
@@ -136,37 +141,25 @@ fn positive<T: std::str::FromStr + PartialOrd + Default>(name: &str, v: &str) ->
 
 pub fn parse(args: &[String]) -> Result<Options> {
     let mut opts = Options::default();
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_string())),
-            None => (arg.as_str(), None),
-        };
-        let mut value = || -> Result<String> {
-            match &inline {
-                Some(v) => Ok(v.clone()),
-                None => it
-                    .next()
-                    .cloned()
-                    .with_context(|| format!("{name} needs a value")),
-            }
-        };
-        match name {
+    let mut flags = crate::flags::Flags::new(args);
+    while let Some(name) = flags.next_name() {
+        let f = &mut flags;
+        match name.as_str() {
             "--scenario" | "--scenarios" => {
-                let v = value()?;
+                let v = f.value()?;
                 opts.scenarios = Scenario::parse_list(&v)?;
                 opts.all = v.split(',').any(|s| s.trim() == "all");
             }
             "--duration" => {
-                let s: f64 = positive(name, &value()?)?;
+                let s: f64 = positive(&name, f)?;
                 opts.duration = Duration::from_secs_f64(s);
             }
-            "--connections" => opts.connections = positive(name, &value()?)?,
-            "--rate" => opts.rate = Some(positive(name, &value()?)?),
-            "--max-in-flight" => opts.max_in_flight = positive(name, &value()?)?,
-            "--memory-checkouts" => opts.memory_checkouts = positive(name, &value()?)?,
-            "--gateway" => opts.gateway = Some(value()?.trim_end_matches('/').to_string()),
-            "--json" => opts.json = Some(PathBuf::from(value()?)),
+            "--connections" => opts.connections = positive(&name, f)?,
+            "--rate" => opts.rate = Some(positive(&name, f)?),
+            "--max-in-flight" => opts.max_in_flight = positive(&name, f)?,
+            "--memory-checkouts" => opts.memory_checkouts = positive(&name, f)?,
+            "--gateway" => opts.gateway = Some(f.value()?.trim_end_matches('/').to_string()),
+            "--json" => opts.json = Some(PathBuf::from(f.value()?)),
             other => bail!("unknown option {other:?} for bench\n\nusage:\n{USAGE}"),
         }
     }

@@ -85,47 +85,26 @@ impl Default for Options {
 
 pub fn parse(args: &[String]) -> Result<Options> {
     let mut opts = Options::default();
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_string())),
-            None => (arg.as_str(), None),
-        };
-        let mut value = || -> Result<String> {
-            match &inline {
-                Some(v) => Ok(v.clone()),
-                None => it
-                    .next()
-                    .cloned()
-                    .with_context(|| format!("{name} needs a value")),
-            }
-        };
-        match name {
+    let mut flags = crate::flags::Flags::new(args);
+    while let Some(name) = flags.next_name() {
+        match name.as_str() {
             "--duration" => {
-                let v = value()?;
-                let s: f64 = v.parse().with_context(|| format!("bad --duration {v:?}"))?;
+                let s: f64 = flags.parsed()?;
                 if !(s.is_finite() && s > 0.0) {
                     bail!("--duration must be a positive number of seconds");
                 }
                 opts.duration = Duration::from_secs_f64(s);
             }
             "--rate" => {
-                let v = value()?;
-                opts.rate = v.parse().with_context(|| format!("bad --rate {v:?}"))?;
+                opts.rate = flags.parsed()?;
                 if !(opts.rate.is_finite() && opts.rate > 0.0 && opts.rate <= 10_000.0) {
                     bail!("--rate must be a number of checkouts per second in (0, 10000]");
                 }
             }
-            "--faults" => opts.faults = Fault::parse_list(&value()?)?,
-            "--rounds" => {
-                let v = value()?;
-                opts.rounds = v.parse().with_context(|| format!("bad --rounds {v:?}"))?;
-            }
-            "--seed" => {
-                let v = value()?;
-                opts.seed = v.parse().with_context(|| format!("bad --seed {v:?}"))?;
-            }
-            "--json" => opts.json = Some(PathBuf::from(value()?)),
+            "--faults" => opts.faults = Fault::parse_list(&flags.value()?)?,
+            "--rounds" => opts.rounds = flags.parsed()?,
+            "--seed" => opts.seed = flags.parsed()?,
+            "--json" => opts.json = Some(PathBuf::from(flags.value()?)),
             other => bail!("unknown option {other:?} for chaos\n\nusage:\n{USAGE}"),
         }
     }
