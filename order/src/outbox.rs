@@ -148,19 +148,24 @@ pub async fn relay_once(
     broker: &Broker,
     consumer: &str,
 ) -> Result<usize, RelayError> {
-    ensure_group(store).await?;
-    let claimed: StreamAutoClaimReply = store
-        .query(
-            redis::cmd("XAUTOCLAIM")
-                .arg(OUTBOX)
-                .arg(GROUP)
-                .arg(consumer)
-                .arg(CLAIM_IDLE.as_millis() as u64)
-                .arg("0-0")
-                .arg("COUNT")
-                .arg(BATCH),
-        )
-        .await?;
+    let mut autoclaim = redis::cmd("XAUTOCLAIM");
+    autoclaim
+        .arg(OUTBOX)
+        .arg(GROUP)
+        .arg(consumer)
+        .arg(CLAIM_IDLE.as_millis() as u64)
+        .arg("0-0")
+        .arg("COUNT")
+        .arg(BATCH);
+    // The group is made once, by whichever relay first finds it missing (not
+    // on every pass: a pass runs after every decision).
+    let claimed: StreamAutoClaimReply = match store.query(&autoclaim).await {
+        Err(e) if e.to_string().contains("NOGROUP") => {
+            ensure_group(store).await?;
+            store.query(&autoclaim).await?
+        }
+        claimed => claimed?,
+    };
     let mut entries = claimed.claimed;
     if entries.len() < BATCH {
         let read: StreamReadReply = store
