@@ -168,6 +168,21 @@ fn settings(service: Service, redis_base: &str, db: u8, amqp: &str) -> Settings 
     }
 }
 
+/// The order service's own settings: its saga store on `saga_redis` (a base
+/// URL; the database is [`SAGA_DB`]), prices from `stock_url`.
+fn order_settings(saga_redis: &str, stock_url: &str, options: &Options) -> OrderSettings {
+    OrderSettings {
+        saga_redis: RedisTarget::Direct {
+            url: format!("{saga_redis}/{SAGA_DB}"),
+        },
+        step_order: options.step_order,
+        stock_url: stock_url.to_string(),
+        step_timeout: options.step_timeout,
+        checkout_timeout: options.checkout_timeout,
+        saga_lease: options.saga_lease,
+    }
+}
+
 /// A fresh redis-server for one fleet, and the directory it lives in.
 pub fn redis_server() -> (RedisServer, ScratchDir) {
     let dir = ScratchDir::new("saga-test").unwrap();
@@ -219,16 +234,7 @@ impl Fleet {
             .unwrap()
             .spawn()
             .await;
-        let order_settings = OrderSettings {
-            saga_redis: RedisTarget::Direct {
-                url: format!("{}/{SAGA_DB}", e.saga_redis),
-            },
-            step_order: options.step_order,
-            stock_url: stock.clone(),
-            step_timeout: options.step_timeout,
-            checkout_timeout: options.checkout_timeout,
-            saga_lease: options.saga_lease,
-        };
+        let order_settings = order_settings(&e.saga_redis, &stock, options);
         let queues = order::Queues {
             stock: stock_queue.clone(),
             payment: payment_queue.clone(),
@@ -459,16 +465,7 @@ pub async fn gateway_fleet(
                 }
                 Service::Order => {
                     let s = settings(service, &l.redis, ORDER_DB, &l.amqp);
-                    let order_settings = OrderSettings {
-                        saga_redis: RedisTarget::Direct {
-                            url: format!("{}/{SAGA_DB}", l.redis),
-                        },
-                        step_order: options.step_order,
-                        stock_url: stock_url.clone(),
-                        step_timeout: options.step_timeout,
-                        checkout_timeout: options.checkout_timeout,
-                        saga_lease: options.saga_lease,
-                    };
+                    let order_settings = order_settings(&l.redis, &stock_url, options);
                     let queues = order::Queues {
                         stock: stock_queue.clone(),
                         payment: payment_queue.clone(),
