@@ -100,7 +100,7 @@ pub const ENV_VARS: &[EnvVar] = &[
         default: Some("500"),
         required: false,
         services: Service::ALL,
-        help: "how long a write waits for a replica to confirm it (WAIT 1 <ms>, at most 2000) before it counts as not confirmed (retried, then 503); Sentinel stores only",
+        help: "how long a write waits for its healthy replicas to confirm it (WAIT <n> <ms>, n = the replicas online with a recent ACK, at least 1; at most 2000) before it counts as not confirmed (retried, then 503); Sentinel stores only",
     },
     EnvVar {
         name: "SAGA_REDIS_MASTER_NAME",
