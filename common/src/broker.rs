@@ -291,10 +291,26 @@ impl Broker {
         body: &[u8],
         budget: Duration,
     ) -> Result<(), BrokerError> {
+        let mut properties = persistent_json();
+        if let Some(reply_to) = reply_to {
+            properties = properties.with_reply_to(ShortString::from(reply_to));
+        }
+        self.publish_with_retrying(queue, body, properties, budget)
+            .await
+    }
+
+    /// [`Broker::publish_with`], retried with backoff (reconnecting) for up to `budget`.
+    pub async fn publish_with_retrying(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        budget: Duration,
+    ) -> Result<(), BrokerError> {
         let started = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.publish(queue, reply_to, body).await {
+            match self.publish_with(queue, body, properties.clone()).await {
                 Ok(()) => return Ok(()),
                 Err(e) if started.elapsed() + backoff >= budget => return Err(e),
                 Err(e) => {

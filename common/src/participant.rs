@@ -38,6 +38,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use tracing::Instrument;
 
 use crate::broker::{persistent_json, Broker, QueueKind, DEAD_LETTER_QUEUE, DELIVERY_LIMIT};
+use crate::grouped::Grouped;
 use crate::messages::{Batch, Command, Outcome, Reply, Step};
 use crate::redis_store::StoreError;
 
@@ -59,17 +60,29 @@ pub async fn serve_commands<L: Ledger>(
     prefetch: u16,
     ledger: Arc<L>,
 ) {
-    let replies_to = broker.clone();
+    let participant = Arc::new(Participant {
+        replies: Grouped::new(broker.clone()),
+        broker: broker.clone(),
+        ledger,
+    });
     broker
         .consume(queue, QueueKind::Durable, prefetch, move |delivery| {
-            handle(replies_to.clone(), ledger.clone(), delivery)
+            handle(participant.clone(), delivery)
         })
         .await
 }
 
+/// What handling a delivery needs: the broker (retry copies, dead letters), the
+/// replies' group publisher, and the participant's own store logic.
+struct Participant<L> {
+    broker: Arc<Broker>,
+    replies: Arc<Grouped>,
+    ledger: Arc<L>,
+}
+
 /// Handles one delivery in a span of the checkout's trace (its context comes
 /// in the message headers).
-async fn handle<L: Ledger>(broker: Arc<Broker>, ledger: Arc<L>, delivery: Delivery) {
+async fn handle<L: Ledger>(participant: Arc<Participant<L>>, delivery: Delivery) {
     let span = tracing::info_span!(
         "participant.apply",
         queue = %delivery.routing_key,
@@ -77,17 +90,22 @@ async fn handle<L: Ledger>(broker: Arc<Broker>, ledger: Arc<L>, delivery: Delive
         trace_id = tracing::field::Empty,
     );
     crate::trace::follow(&span, delivery.properties.headers().as_ref());
-    apply(broker, ledger, delivery).instrument(span).await
+    apply(&participant, delivery).instrument(span).await
 }
 
-async fn apply<L: Ledger>(broker: Arc<Broker>, ledger: Arc<L>, delivery: Delivery) {
+async fn apply<L: Ledger>(participant: &Participant<L>, delivery: Delivery) {
+    let Participant {
+        broker,
+        replies: grouped,
+        ledger,
+    } = participant;
     let batch = match Batch::<Command>::from_json(&delivery.data) {
         Ok(batch) => batch,
         Err(e) => {
             tracing::error!(error = %e, "poison message sent to the dead-letter queue");
             let attempts = header_int(&delivery, ATTEMPTS_HEADER).unwrap_or(0) + 1;
             let body = delivery.data.clone();
-            match dead_letter(&broker, &delivery, "undecodable", &body, &[], attempts).await {
+            match dead_letter(broker, &delivery, "undecodable", &body, &[], attempts).await {
                 Ok(()) => {
                     let _ = delivery.ack(BasicAckOptions::default()).await;
                 }
@@ -115,7 +133,7 @@ async fn apply<L: Ledger>(broker: Arc<Broker>, ledger: Arc<L>, delivery: Deliver
                 let curable = matches!(e, StoreError::Unavailable(_) | StoreError::NotDurable(_));
                 if curable || attempts < PERMANENT_ATTEMPTS {
                     tracing::warn!(error = %e, saga = %command.saga_id, attempts, "command not applied; will try again");
-                    retry_later(&broker, delivery, attempts).await;
+                    retry_later(broker, delivery, attempts).await;
                     return;
                 }
                 tracing::error!(error = %e, saga = %command.saga_id, attempts, "command failed for good; dead-lettered");
@@ -142,7 +160,7 @@ async fn apply<L: Ledger>(broker: Arc<Broker>, ledger: Arc<L>, delivery: Deliver
         let sagas: Vec<String> = failed.iter().map(|c| c.saga_id.to_string()).collect();
         let body = Batch::of(failed).to_json();
         let reason = "store_error";
-        if dead_letter(&broker, &delivery, reason, &body, &sagas, attempts)
+        if dead_letter(broker, &delivery, reason, &body, &sagas, attempts)
             .await
             .is_err()
         {
@@ -153,11 +171,11 @@ async fn apply<L: Ledger>(broker: Arc<Broker>, ledger: Arc<L>, delivery: Deliver
     // A settle needs no answer, and sends none.
     replies.retain(|r| r.step != Step::Settle);
     if let (Some(reply_to), false) = (delivery.properties.reply_to(), replies.is_empty()) {
-        let body = Batch::of(replies).to_json();
-        if let Err(e) = broker
-            .publish_retrying(reply_to.as_str(), None, &body, Duration::from_secs(10))
-            .await
-        {
+        // Each reply joins the next message to its queue (with other deliveries' replies).
+        let sent = replies
+            .iter()
+            .map(|reply| grouped.publish(reply_to.as_str(), None, reply, Duration::from_secs(10)));
+        if let Err(e) = futures::future::try_join_all(sent).await {
             tracing::warn!(error = %e, "reply not confirmed; the command will be redelivered");
             give_back(&delivery).await;
             return;

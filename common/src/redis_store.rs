@@ -49,8 +49,9 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use deadpool::managed;
 use deadpool_redis::{sentinel, Runtime};
-use redis::aio::ConnectionLike;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
 /// How one store is reached.
@@ -115,41 +116,110 @@ impl StoreError {
     }
 }
 
+/// deadpool-redis' connection managers without the `PING` they send every
+/// time a connection leaves the pool: one extra round trip per store operation,
+/// a fifth of all the commands a checkout sent. A connection that died while
+/// pooled fails its first command instead, is discarded together with every
+/// idle one ([`Store::discard`]), and the operation is retried like any other
+/// connection failure (every operation here retries those); a connection idle
+/// for longer than [`IDLE_BEFORE_PING`] is still pinged, so a long-idle pool
+/// finds its dead connections before use.
+struct Lean<M>(M);
+
+/// How long a pooled connection may sit unused before it is pinged when taken.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(5);
+
+impl<M> managed::Manager for Lean<M>
+where
+    M: managed::Manager<Type = MultiplexedConnection, Error = RedisError>,
+{
+    type Type = MultiplexedConnection;
+    type Error = RedisError;
+
+    async fn create(&self) -> Result<MultiplexedConnection, RedisError> {
+        self.0.create().await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut MultiplexedConnection,
+        metrics: &managed::Metrics,
+    ) -> managed::RecycleResult<RedisError> {
+        if metrics.last_used() < IDLE_BEFORE_PING {
+            return Ok(());
+        }
+        self.0.recycle(conn, metrics).await
+    }
+}
+
 enum Pool {
-    Direct(deadpool_redis::Pool),
-    Sentinel(sentinel::Pool),
+    Direct(managed::Pool<Lean<deadpool_redis::Manager>>),
+    Sentinel(managed::Pool<Lean<sentinel::Manager>>),
 }
 
 /// A pooled connection to the current master, used by one task at a time.
-pub enum Conn {
-    Direct(deadpool_redis::Connection),
-    Sentinel(sentinel::Connection),
+pub struct Conn {
+    pooled: Pooled,
+    /// A `WATCH` not sent yet: it goes out in front of the next command, in the
+    /// same write, so a transaction's WATCH costs no round trip of its own.
+    watch: Option<Cmd>,
+}
+
+enum Pooled {
+    Direct(managed::Object<Lean<deadpool_redis::Manager>>),
+    Sentinel(managed::Object<Lean<sentinel::Manager>>),
 }
 
 impl Conn {
+    fn new(pooled: Pooled) -> Self {
+        Conn {
+            pooled,
+            watch: None,
+        }
+    }
+
+    fn inner(&mut self) -> &mut MultiplexedConnection {
+        match &mut self.pooled {
+            Pooled::Direct(c) => c,
+            Pooled::Sentinel(c) => c,
+        }
+    }
+
+    /// `WATCH keys`, sent with the next command (the watch starts before that
+    /// command runs, exactly as if it had been sent alone first).
+    fn watch(&mut self, keys: &[String]) {
+        let mut watch = redis::cmd("WATCH");
+        watch.arg(keys);
+        self.watch = Some(watch);
+    }
+
     /// How long the client waits for the next reply on this connection.
     fn set_reply_timeout(&mut self, timeout: Duration) {
-        match self {
-            Conn::Direct(c) => c.set_response_timeout(timeout),
-            Conn::Sentinel(c) => c.set_response_timeout(timeout),
-        }
+        self.inner().set_response_timeout(timeout);
     }
 
     /// Drops the connection for good instead of returning it to the pool.
     fn discard(self) {
-        match self {
-            Conn::Direct(c) => drop(deadpool_redis::Connection::take(c)),
-            Conn::Sentinel(c) => drop(sentinel::Connection::take(c)),
+        match self.pooled {
+            Pooled::Direct(c) => drop(managed::Object::take(c)),
+            Pooled::Sentinel(c) => drop(managed::Object::take(c)),
         }
     }
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Direct(c) => c.req_packed_command(cmd),
-            Conn::Sentinel(c) => c.req_packed_command(cmd),
-        }
+        let Some(watch) = self.watch.take() else {
+            return self.inner().req_packed_command(cmd);
+        };
+        Box::pin(async move {
+            let mut both = redis::pipe();
+            both.add_command(watch).add_command(cmd.clone());
+            let mut replies = self.inner().req_packed_commands(&both, 1, 1).await?;
+            replies
+                .pop()
+                .ok_or_else(|| RedisError::from((redis::ErrorKind::Client, "no reply after WATCH")))
+        })
     }
 
     fn req_packed_commands<'a>(
@@ -158,16 +228,30 @@ impl ConnectionLike for Conn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Direct(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Sentinel(c) => c.req_packed_commands(cmd, offset, count),
-        }
+        let Some(watch) = self.watch.take() else {
+            return self.inner().req_packed_commands(cmd, offset, count);
+        };
+        Box::pin(async move {
+            if cmd.is_transaction() {
+                // WATCH is not allowed inside MULTI: it goes first, alone.
+                watch.query_async::<()>(self.inner()).await?;
+                return self.inner().req_packed_commands(cmd, offset, count).await;
+            }
+            let mut all = redis::pipe();
+            all.add_command(watch);
+            for c in cmd.cmd_iter() {
+                all.add_command(c.clone());
+            }
+            self.inner()
+                .req_packed_commands(&all, offset + 1, count)
+                .await
+        })
     }
 
     fn get_db(&self) -> i64 {
-        match self {
-            Conn::Direct(c) => c.get_db(),
-            Conn::Sentinel(c) => c.get_db(),
+        match &self.pooled {
+            Pooled::Direct(c) => c.get_db(),
+            Pooled::Sentinel(c) => c.get_db(),
         }
     }
 }
@@ -206,6 +290,8 @@ const MARK_TTL_MS: u64 = 60_000;
 
 /// Records written per pipeline by [`Store::write_batch`] (`batch_init` of 100k: 100 round trips).
 pub const BATCH_CHUNK: i64 = 1000;
+/// Chunks of a [`Store::write_batch`] in flight at once.
+pub const BATCH_IN_FLIGHT: usize = 4;
 /// How long an operation retries by default: a failover takes ~2-3 s.
 pub const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(15);
 /// Connections per store and process: enough for every in-flight transaction.
@@ -222,22 +308,26 @@ const WAIT_REPLY_MARGIN: Duration = Duration::from_millis(1000);
 impl Store {
     /// Builds the pool. Connecting is lazy: nothing is contacted yet.
     pub fn new(target: &RedisTarget, wait_timeout: Duration) -> Result<Self, StoreError> {
-        let pool_config = deadpool_redis::PoolConfig {
+        let pool_config = managed::PoolConfig {
             max_size: POOL_SIZE,
-            timeouts: deadpool_redis::Timeouts {
+            timeouts: managed::Timeouts {
                 wait: Some(Duration::from_secs(5)),
                 create: Some(Duration::from_secs(2)),
                 recycle: Some(Duration::from_secs(2)),
             },
             ..Default::default()
         };
+        let unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable(e.to_string());
         let pool = match target {
             RedisTarget::Direct { url } => {
-                let mut cfg = deadpool_redis::Config::from_url(url.clone());
-                cfg.pool = Some(pool_config);
+                let manager =
+                    deadpool_redis::Manager::new(url.as_str()).map_err(|e| unavailable(&e))?;
                 Pool::Direct(
-                    cfg.create_pool(Some(Runtime::Tokio1))
-                        .map_err(|e| StoreError::Unavailable(e.to_string()))?,
+                    managed::Pool::builder(Lean(manager))
+                        .config(pool_config)
+                        .runtime(Runtime::Tokio1)
+                        .build()
+                        .map_err(|e| unavailable(&e))?,
                 )
             }
             RedisTarget::Sentinel {
@@ -261,16 +351,19 @@ impl Store {
                         ..Default::default()
                     }),
                 };
-                let mut cfg = sentinel::Config::from_urls(
+                let manager = sentinel::Manager::new(
                     urls,
                     master_name.clone(),
+                    Some(node),
                     sentinel::SentinelServerType::Master,
                 )
-                .with_node_connection_info(Some(node));
-                cfg.pool = Some(pool_config);
+                .map_err(|e| unavailable(&e))?;
                 Pool::Sentinel(
-                    cfg.create_pool(Some(Runtime::Tokio1))
-                        .map_err(|e| StoreError::Unavailable(e.to_string()))?,
+                    managed::Pool::builder(Lean(manager))
+                        .config(pool_config)
+                        .runtime(Runtime::Tokio1)
+                        .build()
+                        .map_err(|e| unavailable(&e))?,
                 )
             }
         };
@@ -303,9 +396,11 @@ impl Store {
 
     async fn connection(&self) -> Result<Conn, String> {
         match &self.pool {
-            Pool::Direct(p) => p.get().await.map(Conn::Direct).map_err(|e| e.to_string()),
-            Pool::Sentinel(p) => p.get().await.map(Conn::Sentinel).map_err(|e| e.to_string()),
+            Pool::Direct(p) => p.get().await.map(Pooled::Direct),
+            Pool::Sentinel(p) => p.get().await.map(Pooled::Sentinel),
         }
+        .map(Conn::new)
+        .map_err(|e| e.to_string())
     }
 
     /// True when the master answers a PING right now (readiness).
@@ -318,7 +413,24 @@ impl Store {
             redis::cmd("PING").query_async::<String>(&mut conn),
         )
         .await;
-        matches!(pong, Ok(Ok(_)))
+        let answered = matches!(pong, Ok(Ok(_)));
+        if !answered {
+            self.discard(conn);
+        }
+        answered
+    }
+
+    /// Throws away a connection that failed, and every idle one with it. The
+    /// pool does not ping what it hands out ([`Lean`]), and what broke one
+    /// connection (a failover kills every client of the old master, a link
+    /// that went down) has usually broken the idle ones too: without this,
+    /// each would fail one operation's try before it was found out.
+    fn discard(&self, conn: Conn) {
+        conn.discard();
+        match &self.pool {
+            Pool::Direct(p) => drop(p.retain(|_, _| false)),
+            Pool::Sentinel(p) => drop(p.retain(|_, _| false)),
+        }
     }
 
     fn retry(&self) -> Retry<'_> {
@@ -419,7 +531,7 @@ impl Store {
                 Ok((_conn, Ok(value))) => return Ok(value),
                 Ok((conn, Err(e))) => {
                     // The connection may hold a WATCH or half a reply: do not reuse it.
-                    conn.discard();
+                    self.discard(conn);
                     retry.after(self.transient(e)?).await?;
                 }
                 // The timed-out future owned the connection; dropping it closed it.
@@ -481,14 +593,7 @@ impl Store {
         Fut: Future<Output = (Conn, Result<Tx<T>, StoreError>)>,
     {
         if !keys.is_empty() {
-            let watch = redis::cmd("WATCH")
-                .arg(keys)
-                .query_async::<()>(&mut conn)
-                .await;
-            if let Err(e) = watch {
-                conn.discard();
-                return Err(StoreError::Redis(e));
-            }
+            conn.watch(keys);
         }
         let (mut conn, decision) = body(conn).await;
         let outcome = async {
@@ -505,23 +610,17 @@ impl Store {
                     self.confirm_read(&mut conn).await?;
                     Ok(Some(value))
                 }
-                Ok(Tx::Commit(mut writes, value)) => {
-                    let done: Option<Value> = writes
-                        .atomic()
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(StoreError::Redis)?;
-                    if done.is_none() {
+                Ok(Tx::Commit(writes, value)) => {
+                    if !self.exec_confirmed(&mut conn, &writes).await? {
                         return Ok(None);
                     }
-                    self.wait_for_replica(&mut conn).await?;
                     Ok(Some(value))
                 }
             }
         }
         .await;
         if outcome.is_err() {
-            conn.discard();
+            self.discard(conn);
         }
         outcome
     }
@@ -556,12 +655,12 @@ impl Store {
             match sent {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    conn.discard();
+                    self.discard(conn);
                     retry.after(self.transient(StoreError::Redis(e))?).await?;
                     continue;
                 }
                 Err(_) => {
-                    conn.discard();
+                    self.discard(conn);
                     retry
                         .after(Transient::Unavailable("command timed out".into()))
                         .await?;
@@ -574,17 +673,17 @@ impl Store {
             {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(StoreError::NotDurable(why))) => {
-                    conn.discard();
+                    self.discard(conn);
                     Err(StoreError::NotDurable(why))
                 }
                 Ok(Err(e)) => {
-                    conn.discard();
+                    self.discard(conn);
                     Err(StoreError::NotDurable(format!(
                         "applied, then WAIT failed: {e}"
                     )))
                 }
                 Err(_) => {
-                    conn.discard();
+                    self.discard(conn);
                     Err(StoreError::NotDurable(
                         "applied, then WAIT timed out".into(),
                     ))
@@ -594,22 +693,32 @@ impl Store {
     }
 
     /// Writes `n` records in pipelines of [`BATCH_CHUNK`]; `fill` adds record `i`'s writes.
-    /// Each chunk is atomic and confirmed on a replica; a failure stops at the chunk that failed.
+    /// Each chunk is atomic and confirmed on a replica. [`BATCH_IN_FLIGHT`] chunks are sent
+    /// at once, each on a connection of its own, so encoding, the network, the master and
+    /// the replicas all work at the same time. A failure stops the rest; chunks already
+    /// sent may stand (the callers overwrite, so the client's retry writes them again).
     pub async fn write_batch(
         &self,
         n: i64,
         mut fill: impl FnMut(&mut Pipeline, i64),
     ) -> Result<(), StoreError> {
-        let mut start = 0;
-        while start < n {
-            let end = (start + BATCH_CHUNK).min(n);
-            let mut writes = redis::pipe();
-            for i in start..end {
-                fill(&mut writes, i);
-            }
-            self.write(&writes).await?;
-            start = end;
-        }
+        use futures::{StreamExt, TryStreamExt};
+        let chunks: Vec<Pipeline> = (0..n)
+            .step_by(BATCH_CHUNK as usize)
+            .map(|start| {
+                let mut writes = redis::pipe();
+                for i in start..(start + BATCH_CHUNK).min(n) {
+                    fill(&mut writes, i);
+                }
+                writes
+            })
+            .collect();
+        // Owned chunks: a closure over borrowed ones is not `Send` for every lifetime.
+        futures::stream::iter(chunks)
+            .map(|writes| async move { self.write(&writes).await })
+            .buffer_unordered(BATCH_IN_FLIGHT)
+            .try_collect::<Vec<()>>()
+            .await?;
         Ok(())
     }
 
@@ -621,6 +730,41 @@ impl Store {
             (conn, result)
         })
         .await
+    }
+
+    /// `MULTI`, `writes`, `EXEC` and, on a replicated store, `WAIT` in one round
+    /// trip: false when EXEC found a watched key changed (nothing written; the
+    /// WAIT then only waits for this connection's earlier writes, which is
+    /// harmless). WAIT is queued behind EXEC on the same connection, so it
+    /// waits for the replication offset EXEC reached, exactly as a WAIT sent
+    /// after EXEC's reply would; sending it at once saves the round trip.
+    async fn exec_confirmed(&self, conn: &mut Conn, writes: &Pipeline) -> Result<bool, StoreError> {
+        let mut commands = redis::pipe();
+        commands.cmd("MULTI").ignore();
+        for cmd in writes.cmd_iter() {
+            commands.add_command(cmd.clone()).ignore();
+        }
+        commands.cmd("EXEC");
+        if !self.replicated() {
+            let (done,): (Value,) = commands
+                .query_async(conn)
+                .await
+                .map_err(StoreError::Redis)?;
+            return Ok(done != Value::Nil);
+        }
+        let needed = self.replicas_to_confirm(conn, false).await?;
+        commands.cmd("WAIT").arg(needed).arg(self.wait_ms());
+        conn.set_reply_timeout(self.wait_timeout + WAIT_REPLY_MARGIN);
+        let (done, acked): (Value, i64) = commands
+            .query_async(conn)
+            .await
+            .map_err(StoreError::Redis)?;
+        conn.set_reply_timeout(REPLY_TIMEOUT);
+        if done == Value::Nil {
+            return Ok(false);
+        }
+        self.replicas_confirmed(conn, acked, needed).await?;
+        Ok(true)
     }
 
     /// `WAIT <n> <timeout>` after writes on `conn`: Ok once every healthy

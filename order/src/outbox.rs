@@ -186,8 +186,9 @@ pub async fn relay_once(
     if entries.is_empty() {
         return Ok(0);
     }
-    let mut done = Vec::with_capacity(entries.len());
-    for entry in &entries {
+    // Every event of the pass is published at once (each waits for its own confirm), not one
+    // confirm after another: a pass takes one broker round trip however many it relays.
+    let publishes = entries.iter().map(|entry| async move {
         match decode(entry) {
             Some(event) => {
                 let body = serde_json::to_vec(&event).expect("an event serialises");
@@ -208,8 +209,9 @@ pub async fn relay_once(
                 metrics::counter!("outbox_events_dropped_total").increment(1);
             }
         }
-        done.push(entry.id.clone());
-    }
+        Ok::<_, RelayError>(entry.id.clone())
+    });
+    let done = futures::future::try_join_all(publishes).await?;
     let mut writes = redis::pipe();
     writes
         .cmd("XACK")

@@ -51,8 +51,9 @@ use std::time::Duration;
 use common::broker::Broker;
 use common::config::{StepOrder, COMMAND_GRACE};
 use common::error::ApiError;
+use common::grouped::Grouped;
 use common::idempotency::{Answer, IdemKey};
-use common::messages::{Action, Batch, Command, Outcome, Step};
+use common::messages::{Action, Command, Outcome, Step};
 use common::types::{OrderId, SagaId};
 use serde_json::json;
 use tokio::sync::oneshot;
@@ -141,6 +142,8 @@ pub struct Orchestrator {
     pub orders: Arc<Orders>,
     sagas: SagaStore,
     broker: Arc<Broker>,
+    /// Commands go out through it: concurrent sagas' commands to one queue share a message.
+    outgoing: Arc<Grouped>,
     replies: Arc<Replies>,
     routing: Routing,
     leases: Leases,
@@ -173,6 +176,7 @@ impl Orchestrator {
         Self {
             orders,
             sagas,
+            outgoing: Grouped::new(broker.clone()),
             broker,
             replies,
             routing,
@@ -521,18 +525,17 @@ impl Orchestrator {
     /// leaves that hold in place (conservative, never inconsistent).
     async fn settle(&self, saga: &SagaRecord) -> StepLog {
         let started_ms = common::now_ms();
-        let body = Batch::of(vec![Command {
+        let settle = Command {
             saga_id: saga.id,
             action: Action::Settle,
             expires_at_ms: None,
-        }])
-        .to_json();
+        };
         let budget = self.routing.step_timeout;
         let (stock, payment) = tokio::join!(
-            self.broker
-                .publish_retrying(&self.routing.stock_queue, None, &body, budget),
-            self.broker
-                .publish_retrying(&self.routing.payment_queue, None, &body, budget)
+            self.outgoing
+                .publish(&self.routing.stock_queue, None, &settle, budget),
+            self.outgoing
+                .publish(&self.routing.payment_queue, None, &settle, budget)
         );
         let sent = stock.is_ok() && payment.is_ok();
         if !sent {
@@ -623,16 +626,15 @@ impl Orchestrator {
             .is_forward()
             .then(|| common::now_ms() + step_lifetime(timeout).as_millis() as u64);
         for resend in 0..=RESENDS_AFTER_RECONNECT {
-            let body = Batch::of(vec![Command {
+            let command = Command {
                 saga_id: saga,
                 action: action.clone(),
                 expires_at_ms,
-            }])
-            .to_json();
+            };
             let generation = self.broker.generation();
             let sent = self
-                .broker
-                .publish_retrying(queue, Some(&self.routing.reply_queue), &body, timeout)
+                .outgoing
+                .publish(queue, Some(&self.routing.reply_queue), &command, timeout)
                 .await;
             let connection_lost = match sent {
                 // The broker has been away for a whole step timeout already.

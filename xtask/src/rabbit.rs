@@ -62,10 +62,12 @@ pub fn node_env(
         // Our own (empty) env file instead of /etc/rabbitmq/rabbitmq-env.conf, whose settings
         // are meant for the machine's node.
         ("RABBITMQ_CONF_ENV_FILE", p("rabbitmq-env.conf")),
-        // Inter-node traffic on loopback only, like the AMQP listener.
+        // Inter-node traffic on loopback only, like the AMQP listener. One scheduler
+        // thread: the node shares two cores with the whole fleet, and a second scheduler
+        // mostly adds thread wakeups (BENCHMARKS.md).
         (
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
-            "-kernel inet_dist_use_interface {127,0,0,1}".to_string(),
+            "-kernel inet_dist_use_interface {127,0,0,1} +S 1:1".to_string(),
         ),
     ]
     .into_iter()
