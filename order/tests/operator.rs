@@ -367,7 +367,16 @@ async fn a_stuck_saga_is_aborted_once(amqp: &str) {
     assert_eq!(ended["saga_id"], saga.as_str());
     assert_eq!(ended["state"], "aborted", "a second decision: {ended:#}");
     assert_eq!(ended["decided_ms"], decided["decided_ms"], "decided twice");
-    assert_eq!(ended["reason"], "aborted by an operator");
+    // Two drivers finish it (the operator's abort, and the owner, whose charge was answered
+    // once the link came back and whose commit found the order fenced); `finish` is a
+    // compare-and-set, so whichever records first names the reason. Which one that is depends
+    // on how the participant's replies are grouped: both are true.
+    let reason = ended["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason == "aborted by an operator"
+            || reason == "the order was changed or reset during checkout",
+        "{ended:#}"
+    );
     // Everything given back exactly once (the late charge applied, then refunded).
     let deadline = Instant::now() + Duration::from_secs(20);
     while f.credit_of(&user).await != 100 || f.stock_of(&item).await != 10 {
