@@ -752,15 +752,8 @@ impl Store {
                 .map_err(StoreError::Redis)?;
             return Ok(done != Value::Nil);
         }
-        let needed = self.replicas_to_confirm(conn, false).await?;
-        commands.cmd("WAIT").arg(needed).arg(self.wait_ms());
-        conn.set_reply_timeout(self.wait_timeout + WAIT_REPLY_MARGIN);
-        let (done, acked): (Value, i64) = commands
-            .query_async(conn)
-            .await
-            .map_err(StoreError::Redis)?;
-        conn.set_reply_timeout(REPLY_TIMEOUT);
-        if done == Value::Nil {
+        let (mut replies, acked, needed) = self.send_with_wait(conn, &mut commands).await?;
+        if replies.pop() == Some(Value::Nil) {
             return Ok(false);
         }
         self.replicas_confirmed(conn, acked, needed).await?;
@@ -774,16 +767,35 @@ impl Store {
         if !self.replicated() {
             return Ok(());
         }
+        let (_, acked, needed) = self.send_with_wait(conn, &mut redis::pipe()).await?;
+        self.replicas_confirmed(conn, acked, needed).await
+    }
+
+    /// Sends `commands` with `WAIT <n> <timeout>` behind them, `n` being every
+    /// healthy replica, under the longer reply timeout a WAIT needs. Returns the
+    /// replies before WAIT's, how many replicas confirmed, and how many were needed
+    /// (for [`Store::replicas_confirmed`]).
+    async fn send_with_wait(
+        &self,
+        conn: &mut Conn,
+        commands: &mut Pipeline,
+    ) -> Result<(Vec<Value>, i64, i64), StoreError> {
         let needed = self.replicas_to_confirm(conn, false).await?;
+        commands.cmd("WAIT").arg(needed).arg(self.wait_ms());
         conn.set_reply_timeout(self.wait_timeout + WAIT_REPLY_MARGIN);
-        let acked: i64 = redis::cmd("WAIT")
-            .arg(needed)
-            .arg(self.wait_ms())
+        let mut replies: Vec<Value> = commands
             .query_async(conn)
             .await
             .map_err(StoreError::Redis)?;
         conn.set_reply_timeout(REPLY_TIMEOUT);
-        self.replicas_confirmed(conn, acked, needed).await
+        match replies.pop() {
+            Some(Value::Int(acked)) => Ok((replies, acked, needed)),
+            other => Err(StoreError::Redis(RedisError::from((
+                redis::ErrorKind::Client,
+                "WAIT did not answer a number",
+                format!("{other:?}"),
+            )))),
+        }
     }
 
     /// How many replicas a write must reach: those the master sees online
@@ -826,23 +838,14 @@ impl Store {
                 .await
                 .map_err(StoreError::Redis);
         }
-        let needed = self.replicas_to_confirm(conn, false).await?;
         commands
             .cmd("SET")
             .arg(MARK_KEY)
             .arg(1)
             .arg("PX")
             .arg(MARK_TTL_MS)
-            .ignore()
-            .cmd("WAIT")
-            .arg(needed)
-            .arg(self.wait_ms());
-        conn.set_reply_timeout(self.wait_timeout + WAIT_REPLY_MARGIN);
-        let (acked,): (i64,) = commands
-            .query_async(conn)
-            .await
-            .map_err(StoreError::Redis)?;
-        conn.set_reply_timeout(REPLY_TIMEOUT);
+            .ignore();
+        let (_, acked, needed) = self.send_with_wait(conn, &mut commands).await?;
         self.replicas_confirmed(conn, acked, needed).await
     }
 
