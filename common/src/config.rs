@@ -138,6 +138,13 @@ pub const ENV_VARS: &[EnvVar] = &[
         help: "unacknowledged messages a consumer may hold",
     },
     EnvVar {
+        name: "TOKIO_WORKER_THREADS",
+        default: None,
+        required: false,
+        services: Service::ALL,
+        help: "worker threads of the async runtime, read by tokio itself (default: one per core; the local fleet sets 1: six services share two cores)",
+    },
+    EnvVar {
         name: "STOCK_URL",
         default: Some("http://127.0.0.1:8000/stock"),
         required: true,

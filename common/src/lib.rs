@@ -6,6 +6,7 @@ pub mod broker;
 pub mod config;
 pub mod counters;
 pub mod error;
+pub mod group_commit;
 pub mod grouped;
 pub mod http;
 pub mod idempotency;

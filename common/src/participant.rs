@@ -1,8 +1,10 @@
 //! The participant side of a saga step, shared by stock and payment.
 //!
-//! A delivery is acknowledged only after every command in it has been
-//! applied (its outcome committed beside the data) and the replies have been
-//! confirmed by the broker. A crash anywhere before that leads to a
+//! A delivery's commands join the next group of the participant's group
+//! commit ([`crate::group_commit`]: the commands of concurrent deliveries
+//! applied as one transaction). A delivery is acknowledged only after every
+//! command in it has been applied (its outcome committed beside the data) and
+//! the replies have been confirmed by the broker. A crash anywhere before that leads to a
 //! redelivery, which finds the recorded outcomes and replies again without
 //! applying anything twice.
 //!
@@ -28,7 +30,6 @@
 //! back for the last time its delivery limit allows (the broker dead-letters
 //! it then, with its own `x-death` header).
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,15 +39,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use tracing::Instrument;
 
 use crate::broker::{persistent_json, Broker, QueueKind, DEAD_LETTER_QUEUE, DELIVERY_LIMIT};
+use crate::group_commit::{Applied, GroupCommit, Ledger};
 use crate::grouped::Grouped;
 use crate::messages::{Batch, Command, Outcome, Reply, Step};
-use crate::redis_store::StoreError;
-
-/// Applies commands exactly once: the participant's own store logic.
-pub trait Ledger: Send + Sync + 'static {
-    /// Applies `command` (or finds its recorded outcome) and returns the outcome.
-    fn apply(&self, command: &Command) -> impl Future<Output = Result<Outcome, StoreError>> + Send;
-}
 
 /// Tries of a command that fails for a reason other than an unreachable store.
 pub const PERMANENT_ATTEMPTS: i64 = 5;
@@ -63,7 +58,7 @@ pub async fn serve_commands<L: Ledger>(
     let participant = Arc::new(Participant {
         replies: Grouped::new(broker.clone()),
         broker: broker.clone(),
-        ledger,
+        commits: GroupCommit::start(ledger),
     });
     broker
         .consume(queue, QueueKind::Durable, prefetch, move |delivery| {
@@ -73,16 +68,17 @@ pub async fn serve_commands<L: Ledger>(
 }
 
 /// What handling a delivery needs: the broker (retry copies, dead letters), the
-/// replies' group publisher, and the participant's own store logic.
-struct Participant<L> {
+/// replies' group publisher, and the group commit of the participant's own
+/// store logic.
+struct Participant {
     broker: Arc<Broker>,
     replies: Arc<Grouped>,
-    ledger: Arc<L>,
+    commits: GroupCommit,
 }
 
 /// Handles one delivery in a span of the checkout's trace (its context comes
 /// in the message headers).
-async fn handle<L: Ledger>(participant: Arc<Participant<L>>, delivery: Delivery) {
+async fn handle(participant: Arc<Participant>, delivery: Delivery) {
     let span = tracing::info_span!(
         "participant.apply",
         queue = %delivery.routing_key,
@@ -93,11 +89,11 @@ async fn handle<L: Ledger>(participant: Arc<Participant<L>>, delivery: Delivery)
     apply(&participant, delivery).instrument(span).await
 }
 
-async fn apply<L: Ledger>(participant: &Participant<L>, delivery: Delivery) {
+async fn apply(participant: &Participant, delivery: Delivery) {
     let Participant {
         broker,
         replies: grouped,
-        ledger,
+        commits,
     } = participant;
     let batch = match Batch::<Command>::from_json(&delivery.data) {
         Ok(batch) => batch,
@@ -121,16 +117,16 @@ async fn apply<L: Ledger>(participant: &Participant<L>, delivery: Delivery) {
     };
     let sagas: Vec<String> = batch.items.iter().map(|c| c.saga_id.to_string()).collect();
     tracing::Span::current().record("saga_id", sagas.join(","));
-    let outcomes = futures::future::join_all(batch.items.iter().map(|c| ledger.apply(c))).await;
+    let outcomes = commits.apply(batch.items.clone()).await;
     let attempts = header_int(&delivery, ATTEMPTS_HEADER).unwrap_or(0) + 1;
     let mut replies = Vec::with_capacity(outcomes.len());
     let mut failed = Vec::new();
     for (command, outcome) in batch.items.iter().zip(outcomes) {
+        // Retrying cures these: never dead-lettered, never answered yet.
+        let curable = matches!(outcome, Applied::Retry(_));
         let outcome = match outcome {
-            Ok(outcome) => outcome,
-            Err(e) => {
-                // Retrying cures these: never dead-lettered, never answered yet.
-                let curable = matches!(e, StoreError::Unavailable(_) | StoreError::NotDurable(_));
+            Applied::Done(outcome) => outcome,
+            Applied::Retry(e) | Applied::Error(e) => {
                 if curable || attempts < PERMANENT_ATTEMPTS {
                     tracing::warn!(error = %e, saga = %command.saga_id, attempts, "command not applied; will try again");
                     retry_later(broker, delivery, attempts).await;
@@ -138,9 +134,7 @@ async fn apply<L: Ledger>(participant: &Participant<L>, delivery: Delivery) {
                 }
                 tracing::error!(error = %e, saga = %command.saga_id, attempts, "command failed for good; dead-lettered");
                 failed.push(command.clone());
-                Outcome::Failed {
-                    reason: e.to_string(),
-                }
+                Outcome::Failed { reason: e }
             }
         };
         let label = match &outcome {

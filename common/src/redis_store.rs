@@ -692,7 +692,8 @@ impl Store {
         }
     }
 
-    /// Writes `n` records in pipelines of [`BATCH_CHUNK`]; `fill` adds record `i`'s writes.
+    /// Writes `n` records in pipelines of [`BATCH_CHUNK`]; `fill` adds the writes of the
+    /// records in a range (one command for many, where the records allow it).
     /// Each chunk is atomic and confirmed on a replica. [`BATCH_IN_FLIGHT`] chunks are sent
     /// at once, each on a connection of its own, so encoding, the network, the master and
     /// the replicas all work at the same time. A failure stops the rest; chunks already
@@ -700,16 +701,14 @@ impl Store {
     pub async fn write_batch(
         &self,
         n: i64,
-        mut fill: impl FnMut(&mut Pipeline, i64),
+        mut fill: impl FnMut(&mut Pipeline, std::ops::Range<i64>),
     ) -> Result<(), StoreError> {
         use futures::{StreamExt, TryStreamExt};
         let chunks: Vec<Pipeline> = (0..n)
             .step_by(BATCH_CHUNK as usize)
             .map(|start| {
                 let mut writes = redis::pipe();
-                for i in start..(start + BATCH_CHUNK).min(n) {
-                    fill(&mut writes, i);
-                }
+                fill(&mut writes, start..(start + BATCH_CHUNK).min(n));
                 writes
             })
             .collect();

@@ -88,7 +88,7 @@ impl App {
 
 /// Builds a participant service (stock, payment): its store, the consumer of
 /// `command_queue` (started in the background) and its router.
-pub fn build_participant<L: crate::participant::Ledger>(
+pub fn build_participant<L: crate::group_commit::Ledger>(
     settings: &crate::config::Settings,
     command_queue: &str,
     ledger: impl FnOnce(Arc<Store>) -> L,

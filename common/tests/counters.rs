@@ -60,7 +60,7 @@ async fn held_of(counters: &Counters, id: &str) -> i64 {
 
 async fn seed(counters: &Counters, id: &str, stock: i64) {
     let mut p = redis::pipe();
-    counters.init(&mut p, id, amount(stock), &new_epoch());
+    counters.init(&mut p, id, amount(stock), &new_epoch(), &[]);
     counters.store.write(&p).await.unwrap();
 }
 

@@ -126,6 +126,25 @@ async fn read(conn: &mut Conn, key: &str) -> Result<Option<Order>, StoreError> {
         .query_async(conn)
         .await
         .map_err(StoreError::Redis)?;
+    decode(key, raw)
+}
+
+/// The order and whether fence `mark` exists, in one round trip.
+async fn read_with_mark(
+    conn: &mut Conn,
+    key: &str,
+    mark: &str,
+) -> Result<(Option<Order>, bool), StoreError> {
+    let (raw, fenced): (Option<String>, bool) = redis::pipe()
+        .get(key)
+        .exists(mark)
+        .query_async(conn)
+        .await
+        .map_err(StoreError::Redis)?;
+    Ok((decode(key, raw)?, fenced))
+}
+
+fn decode(key: &str, raw: Option<String>) -> Result<Option<Order>, StoreError> {
     raw.map(|r| serde_json::from_str(&r).map_err(|e| StoreError::corrupt(key, e)))
         .transpose()
 }
@@ -187,20 +206,26 @@ impl Orders {
         let decimal_id = |i: i64| i.to_string();
         // Seeded from the thread RNG: `ThreadRng` cannot be held across an await.
         let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
+        // One MSET per chunk: a command per order would cost Redis (and its AOF and
+        // replicas) the per-command overhead a thousand times for the same bytes.
         self.store
-            .write_batch(n, |writes, i| {
-                let user = UserId::parse(&decimal_id(rng.random_range(0..n_users)))
-                    .expect("decimal ids are valid");
-                let mut order = Order::new(user);
-                for _ in 0..2 {
-                    let item = ItemId::parse(&decimal_id(rng.random_range(0..n_items)))
+            .write_batch(n, |writes, ids| {
+                let mset = writes.cmd("MSET");
+                for i in ids {
+                    let user = UserId::parse(&decimal_id(rng.random_range(0..n_users)))
                         .expect("decimal ids are valid");
-                    order = order
-                        .with_item(item, one, price)
-                        .expect("2 x price was checked not to overflow");
+                    let mut order = Order::new(user);
+                    for _ in 0..2 {
+                        let item = ItemId::parse(&decimal_id(rng.random_range(0..n_items)))
+                            .expect("decimal ids are valid");
+                        order = order
+                            .with_item(item, one, price)
+                            .expect("2 x price was checked not to overflow");
+                    }
+                    let id = OrderId::parse(&decimal_id(i)).expect("decimal ids are valid");
+                    mset.arg(key(&id)).arg(encode(&order));
                 }
-                let id = OrderId::parse(&decimal_id(i)).expect("decimal ids are valid");
-                writes.set(key(&id), encode(&order)).ignore();
+                mset.ignore();
             })
             .await?;
         Ok(())
@@ -258,14 +283,9 @@ impl Orders {
         self.store
             .transact(watched, |mut conn| async move {
                 let decision = async {
-                    let order = read(&mut conn, key).await?;
-                    let fenced = match watched.get(1) {
-                        Some(mark) => redis::cmd("EXISTS")
-                            .arg(mark)
-                            .query_async::<bool>(&mut conn)
-                            .await
-                            .map_err(StoreError::Redis)?,
-                        None => false,
+                    let (order, fenced) = match watched.get(1) {
+                        Some(mark) => read_with_mark(&mut conn, key, mark).await?,
+                        None => (read(&mut conn, key).await?, false),
                     };
                     let (new, mark, value) = change(order, fenced);
                     let mut writes = redis::pipe();

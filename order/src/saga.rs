@@ -207,17 +207,21 @@ impl Orchestrator {
     ) -> Result<Answer, ApiError> {
         common::trace::record_trace_id(&tracing::Span::current());
         let deadline = Instant::now() + self.routing.checkout_timeout;
-        match self.sagas.recorded(idem).await? {
-            Recorded::Answer(first) => return Ok(first),
-            Recorded::Saga(saga) => {
-                if let Some(answer) = self.wait_for(saga, deadline).await? {
-                    return Ok(answer);
-                }
-            }
-            Recorded::Nothing => {}
-        }
+        // Whether the key's record was looked at. A free order goes to `begin`, which
+        // looks at it in its own transaction (no round trip of its own); a paid or held
+        // one is answered from the order, unless this key has an answer (or a running
+        // saga) already: the first answer stands.
+        let mut replayed = false;
         for _ in 0..BEGIN_TRIES {
-            let order = self.orders.find_for_checkout(order_id).await?;
+            let mut order = self.orders.find_for_checkout(order_id).await?;
+            if !replayed && (order.paid || order.checkout.is_some()) {
+                replayed = true;
+                if let Some(first) = self.replay(idem, deadline).await? {
+                    return Ok(first);
+                }
+                // It may have changed while the key's saga was waited for.
+                order = self.orders.find_for_checkout(order_id).await?;
+            }
             if order.paid {
                 return self.answer_paid(order_id, idem).await;
             }
@@ -288,6 +292,17 @@ impl Orchestrator {
         Err(ApiError::Unavailable(format!(
             "order {order_id}: every checkout this one waited for was abandoned; retry"
         )))
+    }
+
+    /// The answer first recorded under the checkout's key, waiting for the
+    /// saga it points at if that is still running; `None` when there is none
+    /// (or that saga ended without one).
+    async fn replay(&self, idem: &IdemKey, deadline: Instant) -> Result<Option<Answer>, ApiError> {
+        match self.sagas.recorded(idem).await? {
+            Recorded::Answer(first) => Ok(Some(first)),
+            Recorded::Saga(saga) => self.wait_for(saga, deadline).await,
+            Recorded::Nothing => Ok(None),
+        }
     }
 
     /// The saga takes exactly what the order froze: if an `addItem` landed

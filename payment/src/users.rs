@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
-use common::counters::{new_epoch, Counters};
+use common::counters::{new_epoch, Counters, SagaStep};
 use common::error::ApiError;
+use common::group_commit::Ledger;
 use common::idempotency::{self, Answer, IdemKey};
 use common::messages::{Action, Command, Outcome};
-use common::participant::Ledger;
 use common::redis_store::{Store, StoreError};
 use common::types::{Amount, UserId};
 use serde_json::json;
@@ -34,7 +34,7 @@ impl Users {
             let id = UserId::new_random();
             let mut writes = redis::pipe();
             self.counters
-                .init(&mut writes, id.as_str(), Amount::ZERO, &new_epoch());
+                .init(&mut writes, id.as_str(), Amount::ZERO, &new_epoch(), &[]);
             (writes, Answer::ok(json!({ "user_id": id })))
         })
         .await
@@ -44,8 +44,11 @@ impl Users {
     pub async fn batch_init(&self, n: i64, credit: Amount) -> Result<(), ApiError> {
         let epoch = new_epoch();
         self.store()
-            .write_batch(n, |writes, i| {
-                self.counters.init(writes, &i.to_string(), credit, &epoch);
+            .write_batch(n, |writes, ids| {
+                for i in ids {
+                    self.counters
+                        .init(writes, &i.to_string(), credit, &epoch, &[]);
+                }
             })
             .await?;
         Ok(())
@@ -63,17 +66,20 @@ impl Users {
 }
 
 impl Ledger for Users {
-    async fn apply(&self, command: &Command) -> Result<Outcome, StoreError> {
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn step(&self, command: &Command) -> Result<SagaStep, Outcome> {
         match &command.action {
-            Action::Charge { user_id, amount } => {
-                let line = [(user_id.as_str().to_string(), *amount)];
-                self.counters
-                    .take(command.saga_id, &line, command.expires_at_ms)
-                    .await
-            }
-            Action::Refund { .. } => self.counters.give_back(command.saga_id).await,
-            Action::Settle => self.counters.settle(command.saga_id).await,
-            other => Ok(Outcome::Refused {
+            Action::Charge { user_id, amount } => Ok(SagaStep::Take {
+                saga: command.saga_id,
+                lines: vec![(user_id.as_str().to_string(), *amount)],
+                expires_at_ms: command.expires_at_ms,
+            }),
+            Action::Refund { .. } => Ok(SagaStep::GiveBack(command.saga_id)),
+            Action::Settle => Ok(SagaStep::Settle(command.saga_id)),
+            other => Err(Outcome::Refused {
                 reason: format!("the payment service does not handle {:?}", other.step()),
             }),
         }

@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
-use common::counters::{new_epoch, Counters};
+use common::counters::{new_epoch, Counters, SagaStep};
 use common::error::ApiError;
+use common::group_commit::Ledger;
 use common::idempotency::{self, Answer, IdemKey};
 use common::messages::{Action, Command, Line, Outcome};
-use common::participant::Ledger;
 use common::redis_store::{Store, StoreError};
 use common::types::{Amount, ItemId};
 use serde::Serialize;
@@ -54,18 +54,18 @@ impl Items {
         price: Amount,
         epoch: &str,
     ) {
-        self.counters.init(writes, id, stock, epoch);
-        writes
-            .hset(self.counters.key(id), "price", price.get())
-            .ignore();
+        self.counters
+            .init(writes, id, stock, epoch, &[("price", price.get())]);
     }
 
     /// Creates (or overwrites, in a new epoch) items `"0"`..`"n-1"`, in pipelined chunks.
     pub async fn batch_init(&self, n: i64, stock: Amount, price: Amount) -> Result<(), ApiError> {
         let epoch = new_epoch();
         self.store()
-            .write_batch(n, |writes, i| {
-                self.init(writes, &i.to_string(), stock, price, &epoch);
+            .write_batch(n, |writes, ids| {
+                for i in ids {
+                    self.init(writes, &i.to_string(), stock, price, &epoch);
+                }
             })
             .await?;
         Ok(())
@@ -97,20 +97,20 @@ fn as_counter_lines(lines: &[Line]) -> Vec<(String, Amount)> {
 }
 
 impl Ledger for Items {
-    async fn apply(&self, command: &Command) -> Result<Outcome, StoreError> {
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn step(&self, command: &Command) -> Result<SagaStep, Outcome> {
         match &command.action {
-            Action::Reserve { lines } => {
-                self.counters
-                    .take(
-                        command.saga_id,
-                        &as_counter_lines(lines),
-                        command.expires_at_ms,
-                    )
-                    .await
-            }
-            Action::Release { .. } => self.counters.give_back(command.saga_id).await,
-            Action::Settle => self.counters.settle(command.saga_id).await,
-            other => Ok(Outcome::Refused {
+            Action::Reserve { lines } => Ok(SagaStep::Take {
+                saga: command.saga_id,
+                lines: as_counter_lines(lines),
+                expires_at_ms: command.expires_at_ms,
+            }),
+            Action::Release { .. } => Ok(SagaStep::GiveBack(command.saga_id)),
+            Action::Settle => Ok(SagaStep::Settle(command.saga_id)),
+            other => Err(Outcome::Refused {
                 reason: format!("the stock service does not handle {:?}", other.step()),
             }),
         }

@@ -177,6 +177,9 @@ pub fn env_plan(instance: &Instance, gateway_port: u16) -> Vec<(&'static str, En
         ("REDIS_WAIT_TIMEOUT_MS", PassThrough),
         ("AMQP_QUEUE_TYPE", PassThrough),
         ("AMQP_PREFETCH", PassThrough),
+        // Six services on two cores: one worker each saves the wake-ups of work moving
+        // between threads (BENCHMARKS.md: ~4 % less CPU per checkout, +8-10 % checkouts/s).
+        ("TOKIO_WORKER_THREADS", Set("1".to_string())),
         ("STEP_TIMEOUT_MS", PassThrough),
         ("CHECKOUT_TIMEOUT_MS", PassThrough),
         ("SAGA_STEPS", PassThrough),
