@@ -92,20 +92,32 @@ async fn run<L: Ledger>(ledger: Arc<L>, mut waiting: mpsc::UnboundedReceiver<Pen
         }
         let commands: Vec<&Command> = group.iter().flat_map(|p| &p.commands).collect();
         metrics::histogram!("participant_group_commands").record(commands.len() as f64);
-        // A bug that panics fails this group's commands, not every later one.
-        let applied = AssertUnwindSafe(apply_group(&*ledger, &commands))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|_| {
-                tracing::error!("applying a group panicked");
-                vec![Applied::Error("applying the group panicked".into()); commands.len()]
-            });
+        // A bug that panics fails the command that causes it, not its group nor a later one.
+        let applied = match unpanicked(apply_group(&*ledger, &commands)).await {
+            Some(applied) => applied,
+            None => {
+                tracing::error!("applying a group panicked; applying its commands one by one");
+                let mut one_by_one = Vec::with_capacity(commands.len());
+                for command in &commands {
+                    let alone = unpanicked(apply_group(&*ledger, std::slice::from_ref(command)));
+                    one_by_one.extend(alone.await.unwrap_or_else(|| {
+                        vec![Applied::Error("applying the command panicked".into())]
+                    }));
+                }
+                one_by_one
+            }
+        };
         let mut applied = applied.into_iter();
         for pending in group {
             let mine: Vec<Applied> = applied.by_ref().take(pending.commands.len()).collect();
             let _ = pending.done.send(mine); // the delivery's task may be gone: nothing to tell
         }
     }
+}
+
+/// `None` if `applying` panicked.
+async fn unpanicked<T>(applying: impl std::future::Future<Output = T>) -> Option<T> {
+    AssertUnwindSafe(applying).catch_unwind().await.ok()
 }
 
 /// Applies one group. If the group as a whole fails for a reason retrying may

@@ -381,14 +381,17 @@ impl SagaStore {
                             Recorded::Saga(id) if id == saga.id => {
                                 return Ok(Tx::Abort(Begin::Started))
                             }
+                            // The key's saga is running, or waits for an operator: the
+                            // checkout joins it (and hears that), it never starts a second
+                            // saga under the same key meanwhile.
                             Recorded::Saga(id) => {
-                                let running: bool = redis::cmd("SISMEMBER")
-                                    .arg(ACTIVE)
-                                    .arg(id.to_string())
+                                let (running, stuck): (bool, bool) = redis::pipe()
+                                    .sismember(ACTIVE, id.to_string())
+                                    .hexists(saga_key(id), "attention")
                                     .query_async(&mut conn)
                                     .await
                                     .map_err(StoreError::Redis)?;
-                                if running {
+                                if running || stuck {
                                     return Ok(Tx::Abort(Begin::Joined(id)));
                                 }
                             }

@@ -89,3 +89,45 @@ async fn a_begin_whose_reply_was_lost_starts_its_own_saga() {
         "a retried begin did not recognise its own saga"
     );
 }
+
+/// A checkout's saga that waits for an operator (a compensation was dead-lettered) is no
+/// longer active, and its order is free again; a repeat of that checkout (same key) joins it
+/// and hears that it needs attention. It must not start a second saga under the key: that
+/// one could be refused for what the stuck saga still holds, and the refusal would stand.
+#[tokio::test]
+async fn a_repeat_joins_its_saga_that_needs_attention() {
+    let dir = ScratchDir::new("saga-store-test").unwrap();
+    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let sagas = SagaStore::new(direct_store(&redis.url()));
+    let idem_key = "idem:/checkout/o-1:stuck";
+    let stuck = record(idem_key);
+    let begun = sagas
+        .begin(&stuck, "instance-a", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(matches!(begun, Begin::Started));
+    sagas
+        .needs_attention(&stuck, "release dead-lettered", &[])
+        .await
+        .unwrap();
+    let repeat = record(idem_key);
+    let begun = sagas
+        .begin(&repeat, "instance-b", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        matches!(begun, Begin::Joined(id) if id == stuck.id),
+        "a repeat started a second saga under a key whose saga needs attention"
+    );
+    // Once an operator took it over and it ended, a repeat may start again.
+    sagas
+        .take_over(stuck.id, "operator", Duration::from_secs(5))
+        .await
+        .unwrap();
+    sagas.finish(&stuck, None, "operator").await.unwrap();
+    let begun = sagas
+        .begin(&record(idem_key), "instance-b", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(matches!(begun, Begin::Started));
+}
