@@ -5,31 +5,23 @@
 //! too many.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::counters::{new_epoch, Counters, SagaStep};
 use common::group_commit::{Applied, GroupCommit, Ledger};
 use common::messages::{Action, Command, Line, Outcome};
-use common::redis_store::{RedisTarget, Store, StoreError};
+use common::redis_store::StoreError;
 use common::types::{Amount, ItemId, SagaId};
-use xtask::{free_port, RedisServer, ScratchDir};
 
-struct Fixture {
-    redis: RedisServer,
-    _dir: ScratchDir,
-}
+mod support;
+use support::{execs, Fixture};
 
 fn fixture() -> Fixture {
-    let dir = ScratchDir::new("group-commit-test").unwrap();
-    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    Fixture { redis, _dir: dir }
+    Fixture::start("group-commit-test")
 }
 
 /// Counters over a store of their own: what one participant process has.
 fn counters(f: &Fixture) -> Arc<Counters> {
-    let target = RedisTarget::Direct { url: f.redis.url() };
-    let store = Arc::new(Store::new(&target, Duration::from_millis(10)).unwrap());
-    Arc::new(Counters::new(store, "item", "stock"))
+    Arc::new(Counters::new(f.store(), "item", "stock"))
 }
 
 fn amount(n: i64) -> Amount {
@@ -49,19 +41,6 @@ async fn field(counters: &Counters, id: &str, field: &str) -> i64 {
         .await
         .unwrap();
     v.expect("item exists")
-}
-
-/// How many EXECs the server has run since its statistics were last reset.
-async fn execs(counters: &Counters) -> u64 {
-    let info: String = counters
-        .store
-        .query(redis::cmd("INFO").arg("commandstats"))
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_exec:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |n| n.parse().unwrap())
 }
 
 async fn reset_stats(counters: &Counters) {
@@ -104,7 +83,11 @@ async fn a_group_decides_its_steps_in_order_in_one_transaction() {
         .into_iter()
         .map(Result::unwrap)
         .collect();
-    assert_eq!(execs(&c).await, 1, "one transaction for the whole group");
+    assert_eq!(
+        execs(&c.store).await,
+        1,
+        "one transaction for the whole group"
+    );
     assert_eq!(outcomes[0], Outcome::Applied);
     assert!(
         matches!(&outcomes[1], Outcome::Refused { reason } if reason.contains("2 available")),
@@ -275,7 +258,7 @@ async fn two_processes_grouping_a_thousand_checkouts_of_one_item_sell_exactly_th
             other => panic!("unexpected {other:?}"),
         }
     }
-    let execs = execs(&one).await;
+    let execs = execs(&one.store).await;
     println!(
         "1000 reservations of one item in two processes: {:?}, {execs} transactions",
         started.elapsed()

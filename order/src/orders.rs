@@ -24,7 +24,7 @@ use common::error::ApiError;
 use common::idempotency::{self, Answer, IdemKey};
 use common::keylock::KeyLocks;
 use common::messages::Line;
-use common::redis_store::{Conn, Store, StoreError, Tx};
+use common::redis_store::{next_reply, Conn, Plan, Planned, Store, StoreError, Tx};
 use common::types::{Amount, ItemId, OrderId, SagaId, UserId};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -98,6 +98,8 @@ impl Order {
 
 pub struct Orders {
     store: Arc<Store>,
+    /// Decisions and freezes go through it: see `change`.
+    planned: Planned,
     locks: KeyLocks,
     /// Told when a decision appended an event to the outbox.
     relay: Arc<outbox::Wake>,
@@ -129,21 +131,6 @@ async fn read(conn: &mut Conn, key: &str) -> Result<Option<Order>, StoreError> {
     decode(key, raw)
 }
 
-/// The order and whether fence `mark` exists, in one round trip.
-async fn read_with_mark(
-    conn: &mut Conn,
-    key: &str,
-    mark: &str,
-) -> Result<(Option<Order>, bool), StoreError> {
-    let (raw, fenced): (Option<String>, bool) = redis::pipe()
-        .get(key)
-        .exists(mark)
-        .query_async(conn)
-        .await
-        .map_err(StoreError::Redis)?;
-    Ok((decode(key, raw)?, fenced))
-}
-
 fn decode(key: &str, raw: Option<String>) -> Result<Option<Order>, StoreError> {
     raw.map(|r| serde_json::from_str(&r).map_err(|e| StoreError::corrupt(key, e)))
         .transpose()
@@ -152,6 +139,7 @@ fn decode(key: &str, raw: Option<String>) -> Result<Option<Order>, StoreError> {
 impl Orders {
     pub fn new(store: Arc<Store>) -> Self {
         Self {
+            planned: Planned::start(store.clone()),
             store,
             locks: KeyLocks::default(),
             relay: Arc::default(),
@@ -268,52 +256,61 @@ impl Orders {
     /// order is written, the event `announce` names (built from the order
     /// written) goes to the outbox in the same transaction; a change that
     /// writes no order (a repeat finding its decision made) announces nothing.
-    async fn change<T>(
+    async fn change<T: Send + 'static>(
         &self,
         id: &OrderId,
         fence_of: Option<SagaId>,
         announce: Option<(EventType, SagaId)>,
-        change: impl Fn(Option<Order>, bool) -> (Option<Order>, bool, T),
+        change: impl Fn(Option<Order>, bool) -> (Option<Order>, bool, T) + Send + Sync + 'static,
     ) -> Result<T, StoreError> {
         let key = key(id);
         let _guard = self.locks.lock([key.as_str()]).await;
-        let mut watched = vec![key.clone()];
-        watched.extend(fence_of.map(fence_key));
-        let (key, watched, change) = (&key, &watched, &change);
-        self.store
-            .transact(watched, |mut conn| async move {
-                let decision = async {
-                    let (order, fenced) = match watched.get(1) {
-                        Some(mark) => read_with_mark(&mut conn, key, mark).await?,
-                        None => (read(&mut conn, key).await?, false),
-                    };
-                    let (new, mark, value) = change(order, fenced);
-                    let mut writes = redis::pipe();
-                    if let Some(new) = &new {
-                        writes.set(key, encode(new)).ignore();
-                        if let Some((event_type, saga)) = announce {
-                            Event::new(event_type, id, saga, &new.user_id, new.total_cost)
-                                .append_to(&mut writes);
-                        }
+        let mark = fence_of.map(fence_key);
+        let mut reads = redis::pipe();
+        reads.get(&key);
+        if let Some(mark) = &mark {
+            reads.exists(mark);
+        }
+        let mut watch = vec![key.clone()];
+        watch.extend(mark.clone());
+        let id = id.clone();
+        // A plan: concurrent checkouts' changes share their round trips and WAIT.
+        let plan = Plan {
+            watch,
+            also_touches: Vec::new(),
+            reads,
+            decide: Box::new(move |replies| {
+                let mut replies = replies.into_iter();
+                let raw: Option<String> = next_reply(&mut replies, &key)?;
+                let order = decode(&key, raw)?;
+                let fenced = match &mark {
+                    Some(mark) => next_reply(&mut replies, mark)?,
+                    None => false,
+                };
+                let (new, leave_mark, value) = change(order, fenced);
+                let mut writes = redis::pipe();
+                if let Some(new) = &new {
+                    writes.set(&key, encode(new)).ignore();
+                    if let Some((event_type, saga)) = announce {
+                        Event::new(event_type, &id, saga, &new.user_id, new.total_cost)
+                            .append_to(&mut writes);
                     }
-                    if let (true, Some(mark)) = (mark, watched.get(1)) {
-                        writes.set_ex(mark, 1, FENCE_TTL_SECS).ignore();
-                    }
-                    Ok(if new.is_none() && !mark {
-                        Tx::Abort(value)
-                    } else {
-                        Tx::Commit(writes, value)
-                    })
                 }
-                .await;
-                (conn, decision)
-            })
-            .await
-            .inspect(|_| {
-                if announce.is_some() {
-                    self.relay.event_added();
+                if let (true, Some(mark)) = (leave_mark, &mark) {
+                    writes.set_ex(mark, 1, FENCE_TTL_SECS).ignore();
                 }
-            })
+                Ok(if new.is_none() && !leave_mark {
+                    Tx::Abort(value)
+                } else {
+                    Tx::Commit(writes, value)
+                })
+            }),
+        };
+        self.planned.run(plan).await.inspect(|_| {
+            if announce.is_some() {
+                self.relay.event_added();
+            }
+        })
     }
 
     /// `addItem`: adds an item at `price` each, once per idempotency key;
@@ -385,7 +382,7 @@ impl Orders {
         saga: SagaId,
         stale: Option<SagaId>,
     ) -> Result<Freeze, StoreError> {
-        self.change(id, Some(saga), None, |order, fenced| match order {
+        self.change(id, Some(saga), None, move |order, fenced| match order {
             None => (None, false, Freeze::NotFound),
             Some(order) if order.paid => (None, false, Freeze::Paid),
             // A retry after a lost EXEC reply (or an unconfirmed one) finds its own hold.
@@ -411,7 +408,7 @@ impl Orders {
     /// (also on a repeat). Announces `order.paid` with the change.
     pub async fn commit(&self, id: &OrderId, saga: SagaId) -> Result<bool, StoreError> {
         let announce = Some((EventType::Paid, saga));
-        self.change(id, None, announce, |order, _| match order {
+        self.change(id, None, announce, move |order, _| match order {
             Some(o) if o.paid_by == Some(saga) => (None, false, true),
             Some(o) if o.checkout == Some(saga) => (
                 Some(Order {
@@ -436,7 +433,7 @@ impl Orders {
     /// its freeze then finds: fenced means fenced, whatever the order.
     pub async fn fence(&self, id: &OrderId, saga: SagaId) -> Result<bool, StoreError> {
         let announce = Some((EventType::CheckoutFailed, saga));
-        self.change(id, Some(saga), announce, |order, fenced| match order {
+        self.change(id, Some(saga), announce, move |order, fenced| match order {
             Some(o) if o.paid_by == Some(saga) => (None, false, true),
             Some(o) if o.checkout == Some(saga) => (
                 Some(Order {

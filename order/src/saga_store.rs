@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use common::idempotency::{Answer, IdemKey};
 use common::messages::{Line, Step};
-use common::redis_store::{Store, StoreError, Tx};
+use common::redis_store::{next_reply, Plan, Planned, Store, StoreError, Tx};
 use common::types::{Amount, OrderId, SagaId, UserId};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -326,14 +326,52 @@ pub enum Recorded {
     Saga(SagaId),
 }
 
+/// A new saga's record, lease and active entry, and the checkout's key pointing at it.
+fn begin_writes(saga: &SagaRecord, owner: &str, lease: Duration) -> redis::Pipeline {
+    let lines = serde_json::to_string(&saga.lines).expect("lines serialize");
+    let mut writes = redis::pipe();
+    let mut fields = vec![
+        ("order", saga.order_id.to_string()),
+        ("user", saga.user_id.to_string()),
+        ("lines", lines),
+        ("total", saga.total.to_string()),
+        ("state", SagaState::Pending.as_str().to_string()),
+        ("created_ms", common::now_ms().to_string()),
+        ("owner", owner.to_string()),
+        ("attempts", "0".to_string()),
+    ];
+    if let Some((idem_key, ttl)) = &saga.idem {
+        fields.push(("idem", idem_key.clone()));
+        fields.push(("idem_ttl", ttl.to_string()));
+        writes
+            .set_ex(idem_key, format!("saga:{}", saga.id), *ttl)
+            .ignore();
+    }
+    writes
+        .hset_multiple(saga_key(saga.id), &fields)
+        .ignore()
+        .set(lease_key(saga.id), owner)
+        .arg("PX")
+        .arg(lease.as_millis() as u64)
+        .ignore()
+        .sadd(ACTIVE, saga.id.to_string())
+        .ignore();
+    writes
+}
+
 #[derive(Clone)]
 pub struct SagaStore {
     store: Arc<Store>,
+    /// Begins, decisions and ends go through it: see `begin`, `decide_with`, `finish_with`.
+    planned: Arc<Planned>,
 }
 
 impl SagaStore {
     pub fn new(store: Arc<Store>) -> Self {
-        Self { store }
+        Self {
+            planned: Arc::new(Planned::start(store.clone())),
+            store,
+        }
     }
 
     /// What the checkout's idempotency key has recorded. A final answer is
@@ -357,15 +395,60 @@ impl SagaStore {
 
     /// Writes the saga's record and lease, and points the checkout's key at
     /// it, unless that key already has an answer or a running saga.
+    ///
+    /// A plan (concurrent checkouts' begins share their round trips and WAIT)
+    /// for what nearly every checkout meets: a key with nothing recorded, or
+    /// with an answer. A key that points at another saga needs a second look
+    /// (is that saga running?), which [`SagaStore::begin_alone`] takes.
     pub async fn begin(
         &self,
         saga: &SagaRecord,
         owner: &str,
         lease: Duration,
     ) -> Result<Begin, StoreError> {
-        let lines = serde_json::to_string(&saga.lines).expect("lines serialize");
+        let watch: Vec<String> = saga.idem.iter().map(|(k, _)| k.clone()).collect();
+        let mut reads = redis::pipe();
+        for idem_key in &watch {
+            reads.get(idem_key);
+        }
+        let (record, owner_name) = (saga.clone(), owner.to_string());
+        let plan = Plan {
+            watch: watch.clone(),
+            also_touches: vec![saga_key(saga.id), lease_key(saga.id)],
+            reads,
+            decide: Box::new(move |replies| {
+                let mut replies = replies.into_iter();
+                if let Some(idem_key) = watch.first() {
+                    let raw: Option<String> = next_reply(&mut replies, idem_key)?;
+                    match parse_recorded(raw.as_deref()) {
+                        Recorded::Answer(a) => return Ok(Tx::Abort(Some(Begin::Answered(a)))),
+                        // A retry after an EXEC whose reply was lost finds its own saga.
+                        Recorded::Saga(id) if id == record.id => {
+                            return Ok(Tx::Abort(Some(Begin::Started)))
+                        }
+                        Recorded::Saga(_) => return Ok(Tx::Abort(None)),
+                        Recorded::Nothing => {}
+                    }
+                }
+                let writes = begin_writes(&record, &owner_name, lease);
+                Ok(Tx::Commit(writes, Some(Begin::Started)))
+            }),
+        };
+        match self.planned.run(plan).await? {
+            Some(begun) => Ok(begun),
+            None => self.begin_alone(saga, owner, lease).await,
+        }
+    }
+
+    /// [`SagaStore::begin`] as one transaction of its own, with the second look.
+    async fn begin_alone(
+        &self,
+        saga: &SagaRecord,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
         let watched: Vec<String> = saga.idem.iter().map(|(k, _)| k.clone()).collect();
-        let (lines, watched) = (&lines, &watched);
+        let watched = &watched;
         self.store
             .transact(watched, |mut conn| async move {
                 let decision = async {
@@ -398,33 +481,7 @@ impl SagaStore {
                             Recorded::Nothing => {}
                         }
                     }
-                    let mut writes = redis::pipe();
-                    let mut fields = vec![
-                        ("order", saga.order_id.to_string()),
-                        ("user", saga.user_id.to_string()),
-                        ("lines", lines.clone()),
-                        ("total", saga.total.to_string()),
-                        ("state", SagaState::Pending.as_str().to_string()),
-                        ("created_ms", common::now_ms().to_string()),
-                        ("owner", owner.to_string()),
-                        ("attempts", "0".to_string()),
-                    ];
-                    if let Some((idem_key, ttl)) = &saga.idem {
-                        fields.push(("idem", idem_key.clone()));
-                        fields.push(("idem_ttl", ttl.to_string()));
-                        writes
-                            .set_ex(idem_key, format!("saga:{}", saga.id), *ttl)
-                            .ignore();
-                    }
-                    writes
-                        .hset_multiple(saga_key(saga.id), &fields)
-                        .ignore()
-                        .set(lease_key(saga.id), owner)
-                        .arg("PX")
-                        .arg(lease.as_millis() as u64)
-                        .ignore()
-                        .sadd(ACTIVE, saga.id.to_string())
-                        .ignore();
+                    let writes = begin_writes(saga, owner, lease);
                     Ok(Tx::Commit(writes, Begin::Started))
                 }
                 .await;
@@ -553,40 +610,42 @@ impl SagaStore {
         steps: &[StepLog],
     ) -> Result<SagaState, StoreError> {
         let key = saga_key(id);
-        let key = &key;
-        self.store
-            .transact(std::slice::from_ref(key), |mut conn| async move {
-                let current: Result<Option<String>, _> = redis::cmd("HGET")
-                    .arg(key)
-                    .arg("state")
-                    .query_async(&mut conn)
-                    .await;
-                let decision = match current {
-                    Err(e) => Err(StoreError::Redis(e)),
-                    Ok(None) => Err(StoreError::corrupt(key.as_str(), "saga has no state")),
-                    Ok(Some(text)) => match SagaState::parse(&text) {
-                        None => Err(StoreError::corrupt(key.as_str(), "bad state")),
-                        Some(SagaState::Pending) => {
-                            let mut writes = redis::pipe();
-                            writes
-                                .hset(key, "state", decision.as_str())
-                                .ignore()
-                                .hset(key, "decided_ms", common::now_ms())
-                                .ignore();
-                            write_steps(&mut writes, key, steps);
-                            if let Some(order) = order {
-                                writes
-                                    .set_ex(pointer_key(order), id.to_string(), POINTER_SECS)
-                                    .ignore();
-                            }
-                            Ok(Tx::Commit(writes, decision))
-                        }
-                        Some(decided) => Ok(Tx::Abort(decided)),
-                    },
+        let pointer = order.map(pointer_key);
+        let steps = steps.to_vec();
+        let mut reads = redis::pipe();
+        reads.hget(&key, "state");
+        // A plan: concurrent sagas' decisions share their round trips and WAIT.
+        let plan = Plan {
+            watch: vec![key.clone()],
+            also_touches: pointer.iter().cloned().collect(),
+            reads,
+            decide: Box::new(move |replies| {
+                let current: Option<String> = next_reply(&mut replies.into_iter(), &key)?;
+                let Some(text) = current else {
+                    return Err(StoreError::corrupt(key.as_str(), "saga has no state"));
                 };
-                (conn, decision)
-            })
-            .await
+                match SagaState::parse(&text) {
+                    None => Err(StoreError::corrupt(key.as_str(), "bad state")),
+                    Some(SagaState::Pending) => {
+                        let mut writes = redis::pipe();
+                        writes
+                            .hset(&key, "state", decision.as_str())
+                            .ignore()
+                            .hset(&key, "decided_ms", common::now_ms())
+                            .ignore();
+                        write_steps(&mut writes, &key, &steps);
+                        if let Some(pointer) = &pointer {
+                            writes
+                                .set_ex(pointer, id.to_string(), POINTER_SECS)
+                                .ignore();
+                        }
+                        Ok(Tx::Commit(writes, decision))
+                    }
+                    Some(decided) => Ok(Tx::Abort(decided)),
+                }
+            }),
+        };
+        self.planned.run(plan).await
     }
 
     /// Marks the saga finished with the checkout's final answer (recorded
@@ -617,59 +676,59 @@ impl SagaStore {
         steps: &[StepLog],
     ) -> Result<Option<Answer>, StoreError> {
         let key = saga_key(saga.id);
-        let key = &key;
         let pointer = pointer_key(&saga.order_id);
-        let pointer = &pointer;
-        self.store
-            .transact(std::slice::from_ref(key), |mut conn| async move {
-                // One round trip: the first answer, and whether the order still points here.
-                let seen: Result<(Option<String>, Option<String>), _> = redis::pipe()
-                    .hget(key, "answer")
-                    .get(pointer)
-                    .query_async(&mut conn)
-                    .await;
-                let decision = match seen {
-                    Err(e) => Err(StoreError::Redis(e)),
-                    // Finished before (another driver): the first answer stands. Its
-                    // active entry and lease go all the same, in case a driver that
-                    // took the saga over meanwhile put them back.
-                    Ok((Some(first), _)) => {
-                        let mut writes = redis::pipe();
-                        writes
-                            .srem(ACTIVE, saga.id.to_string())
-                            .ignore()
-                            .del(lease_key(saga.id))
-                            .ignore();
-                        Ok(Tx::Commit(writes, Answer::decode(&first)))
+        let mut reads = redis::pipe();
+        // The first answer, and whether the order still points here.
+        reads.hget(&key, "answer").get(&pointer);
+        let mut also_touches = vec![pointer.clone()];
+        also_touches.extend(saga.idem.iter().map(|(idem_key, _)| idem_key.clone()));
+        let (saga, answer, reason, steps) = (
+            saga.clone(),
+            answer.cloned(),
+            reason.to_string(),
+            steps.to_vec(),
+        );
+        // A plan: concurrent sagas' ends share their round trips and WAIT.
+        let plan = Plan {
+            watch: vec![key.clone()],
+            also_touches,
+            reads,
+            decide: Box::new(move |replies| {
+                let mut replies = replies.into_iter();
+                let first: Option<String> = next_reply(&mut replies, &key)?;
+                let latest: Option<String> = next_reply(&mut replies, &pointer)?;
+                let mut writes = redis::pipe();
+                writes
+                    .srem(ACTIVE, saga.id.to_string())
+                    .ignore()
+                    .del(lease_key(saga.id))
+                    .ignore();
+                // Finished before (another driver): the first answer stands. Its
+                // active entry and lease go all the same, in case a driver that
+                // took the saga over meanwhile put them back.
+                if let Some(first) = first {
+                    return Ok(Tx::Commit(writes, Answer::decode(&first)));
+                }
+                writes
+                    .hset_nx(&key, "finished_ms", common::now_ms())
+                    .ignore()
+                    .hset_nx(&key, "reason", &reason)
+                    .ignore();
+                write_steps(&mut writes, &key, &steps);
+                if latest.as_deref() == Some(saga.id.to_string().as_str()) {
+                    writes.expire(&pointer, RETENTION_SECS).ignore();
+                }
+                if let Some(answer) = &answer {
+                    writes.hset(&key, "answer", answer.encode()).ignore();
+                    if let Some((idem_key, ttl)) = &saga.idem {
+                        writes.set_ex(idem_key, answer.encode(), *ttl).ignore();
                     }
-                    Ok((None, latest)) => {
-                        let mut writes = redis::pipe();
-                        writes
-                            .srem(ACTIVE, saga.id.to_string())
-                            .ignore()
-                            .del(lease_key(saga.id))
-                            .ignore()
-                            .hset_nx(key, "finished_ms", common::now_ms())
-                            .ignore()
-                            .hset_nx(key, "reason", reason)
-                            .ignore();
-                        write_steps(&mut writes, key, steps);
-                        if latest.as_deref() == Some(saga.id.to_string().as_str()) {
-                            writes.expire(pointer, RETENTION_SECS).ignore();
-                        }
-                        if let Some(answer) = answer {
-                            writes.hset(key, "answer", answer.encode()).ignore();
-                            if let Some((idem_key, ttl)) = &saga.idem {
-                                writes.set_ex(idem_key, answer.encode(), *ttl).ignore();
-                            }
-                        }
-                        writes.expire(key, RETENTION_SECS).ignore();
-                        Ok(Tx::Commit(writes, answer.cloned()))
-                    }
-                };
-                (conn, decision)
-            })
-            .await
+                }
+                writes.expire(&key, RETENTION_SECS).ignore();
+                Ok(Tx::Commit(writes, answer.clone()))
+            }),
+        };
+        self.planned.run(plan).await
     }
 
     /// Takes a saga out of automatic handling: an operator must finish it. The order's

@@ -46,6 +46,10 @@
 //! WAIT is skipped entirely, and nothing it acknowledges survives the loss of
 //! that node.
 
+mod planned;
+
+pub use planned::{next_reply, Decide, Plan, Planned};
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 
