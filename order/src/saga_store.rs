@@ -680,17 +680,21 @@ impl SagaStore {
         let mut reads = redis::pipe();
         // The first answer, and whether the order still points here.
         reads.hget(&key, "answer").get(&pointer);
-        let mut also_touches = vec![pointer.clone()];
-        also_touches.extend(saga.idem.iter().map(|(idem_key, _)| idem_key.clone()));
+        let also_touches: Vec<String> = saga
+            .idem
+            .iter()
+            .map(|(idem_key, _)| idem_key.clone())
+            .collect();
         let (saga, answer, reason, steps) = (
             saga.clone(),
             answer.cloned(),
             reason.to_string(),
             steps.to_vec(),
         );
-        // A plan: concurrent sagas' ends share their round trips and WAIT.
+        // A plan: concurrent sagas' ends share their round trips and WAIT. The pointer is
+        // watched too: a later checkout's decision may point it elsewhere meanwhile.
         let plan = Plan {
-            watch: vec![key.clone()],
+            watch: vec![key.clone(), pointer.clone()],
             also_touches,
             reads,
             decide: Box::new(move |replies| {

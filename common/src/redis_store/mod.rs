@@ -162,11 +162,20 @@ enum Pool {
 }
 
 /// A pooled connection to the current master, used by one task at a time.
+///
+/// A connection dropped in the middle of an exchange that leaves state on it
+/// (a WATCH not ended yet, a WAIT not answered, a stretched reply timeout) is
+/// closed, not returned to the pool: a timeout drops the future that owns it,
+/// and a later user's EXEC would otherwise fail (or, for a plain write, be
+/// lost without an error) on a key someone watched long ago.
 pub struct Conn {
-    pooled: Pooled,
+    /// Always `Some` until the connection is closed or dropped.
+    pooled: Option<Pooled>,
     /// A `WATCH` not sent yet: it goes out in front of the next command, in the
     /// same write, so a transaction's WATCH costs no round trip of its own.
     watch: Option<Cmd>,
+    /// In the middle of an exchange that leaves state on the connection.
+    unsettled: bool,
 }
 
 enum Pooled {
@@ -177,13 +186,14 @@ enum Pooled {
 impl Conn {
     fn new(pooled: Pooled) -> Self {
         Conn {
-            pooled,
+            pooled: Some(pooled),
             watch: None,
+            unsettled: false,
         }
     }
 
     fn inner(&mut self) -> &mut MultiplexedConnection {
-        match &mut self.pooled {
+        match self.pooled.as_mut().expect("a live connection") {
             Pooled::Direct(c) => c,
             Pooled::Sentinel(c) => c,
         }
@@ -195,6 +205,17 @@ impl Conn {
         let mut watch = redis::cmd("WATCH");
         watch.arg(keys);
         self.watch = Some(watch);
+        self.unsettled = true;
+    }
+
+    /// An exchange that leaves state on the connection begins (see [`Conn`]).
+    fn unsettle(&mut self) {
+        self.unsettled = true;
+    }
+
+    /// The exchange ended cleanly: the connection may go back to the pool.
+    fn settle(&mut self) {
+        self.unsettled = false;
     }
 
     /// How long the client waits for the next reply on this connection.
@@ -203,10 +224,20 @@ impl Conn {
     }
 
     /// Drops the connection for good instead of returning it to the pool.
-    fn discard(self) {
-        match self.pooled {
-            Pooled::Direct(c) => drop(managed::Object::take(c)),
-            Pooled::Sentinel(c) => drop(managed::Object::take(c)),
+    fn discard(mut self) {
+        self.unsettled = true;
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if !self.unsettled {
+            return; // back to the pool
+        }
+        match self.pooled.take() {
+            Some(Pooled::Direct(c)) => drop(managed::Object::take(c)),
+            Some(Pooled::Sentinel(c)) => drop(managed::Object::take(c)),
+            None => {}
         }
     }
 }
@@ -253,9 +284,10 @@ impl ConnectionLike for Conn {
     }
 
     fn get_db(&self) -> i64 {
-        match &self.pooled {
-            Pooled::Direct(c) => c.get_db(),
-            Pooled::Sentinel(c) => c.get_db(),
+        match self.pooled.as_ref() {
+            Some(Pooled::Direct(c)) => c.get_db(),
+            Some(Pooled::Sentinel(c)) => c.get_db(),
+            None => 0,
         }
     }
 }
@@ -291,6 +323,13 @@ const MAX_REPLICA_LAG_SECS: i64 = 1;
 /// Written (with a short expiry) to confirm a read: see the module comment.
 const MARK_KEY: &str = "durability:mark";
 const MARK_TTL_MS: u64 = 60_000;
+
+/// The marker write (see [`MARK_KEY`]).
+fn mark_write() -> Cmd {
+    let mut mark = redis::cmd("SET");
+    mark.arg(MARK_KEY).arg(1).arg("PX").arg(MARK_TTL_MS);
+    mark
+}
 
 /// Records written per pipeline by [`Store::write_batch`] (`batch_init` of 100k: 100 round trips).
 pub const BATCH_CHUNK: i64 = 1000;
@@ -742,24 +781,33 @@ impl Store {
     /// waits for the replication offset EXEC reached, exactly as a WAIT sent
     /// after EXEC's reply would; sending it at once saves the round trip.
     async fn exec_confirmed(&self, conn: &mut Conn, writes: &Pipeline) -> Result<bool, StoreError> {
+        conn.unsettle();
         let mut commands = redis::pipe();
         commands.cmd("MULTI").ignore();
         for cmd in writes.cmd_iter() {
             commands.add_command(cmd.clone()).ignore();
         }
-        commands.cmd("EXEC");
         if !self.replicated() {
+            commands.cmd("EXEC");
             let (done,): (Value,) = commands
                 .query_async(conn)
                 .await
                 .map_err(StoreError::Redis)?;
+            conn.settle();
             return Ok(done != Value::Nil);
         }
+        // The marker makes EXEC replicate something even when every write is a no-op
+        // (a SREM of a member already gone is not propagated), so that WAIT waits for an
+        // offset past everything the transaction read, as it does after `confirm_read`'s.
+        commands.add_command(mark_write()).ignore();
+        commands.cmd("EXEC");
         let (mut replies, acked, needed) = self.send_with_wait(conn, &mut commands).await?;
         if replies.pop() == Some(Value::Nil) {
+            conn.settle();
             return Ok(false);
         }
         self.replicas_confirmed(conn, acked, needed).await?;
+        conn.settle();
         Ok(true)
     }
 
@@ -770,8 +818,11 @@ impl Store {
         if !self.replicated() {
             return Ok(());
         }
+        conn.unsettle();
         let (_, acked, needed) = self.send_with_wait(conn, &mut redis::pipe()).await?;
-        self.replicas_confirmed(conn, acked, needed).await
+        self.replicas_confirmed(conn, acked, needed).await?;
+        conn.settle();
+        Ok(())
     }
 
     /// Sends `commands` with `WAIT <n> <timeout>` behind them, `n` being every
@@ -833,23 +884,22 @@ impl Store {
     /// this connection's replication offset past all of it, and WAIT waits for
     /// that offset. One round trip (two when the replica count is due).
     async fn confirm_read(&self, conn: &mut Conn) -> Result<(), StoreError> {
+        conn.unsettle();
         let mut commands = redis::pipe();
         commands.cmd("UNWATCH").ignore();
         if !self.replicated() {
-            return commands
+            commands
                 .query_async::<()>(conn)
                 .await
-                .map_err(StoreError::Redis);
+                .map_err(StoreError::Redis)?;
+            conn.settle();
+            return Ok(());
         }
-        commands
-            .cmd("SET")
-            .arg(MARK_KEY)
-            .arg(1)
-            .arg("PX")
-            .arg(MARK_TTL_MS)
-            .ignore();
+        commands.add_command(mark_write()).ignore();
         let (_, acked, needed) = self.send_with_wait(conn, &mut commands).await?;
-        self.replicas_confirmed(conn, acked, needed).await
+        self.replicas_confirmed(conn, acked, needed).await?;
+        conn.settle();
+        Ok(())
     }
 
     fn wait_ms(&self) -> u64 {
@@ -1008,5 +1058,60 @@ mod tests {
             slave1:ip=127.0.0.1,port=6421,state=online,offset=1,lag=0\r\n";
         assert_eq!(healthy_replicas(stalled), 1);
         assert_eq!(healthy_replicas("role:master\r\nconnected_slaves:0\r\n"), 0);
+    }
+
+    /// Connections the pool holds right now (idle ones).
+    fn pooled(store: &Store) -> usize {
+        match &store.pool {
+            Pool::Direct(p) => p.status().size,
+            Pool::Sentinel(p) => p.status().size,
+        }
+    }
+
+    /// A connection dropped between its WATCH and the end of its transaction (a timed-out
+    /// try) is closed; one dropped after a settled exchange goes back to the pool.
+    #[tokio::test]
+    async fn a_connection_dropped_mid_transaction_is_closed_not_pooled() {
+        let dir = xtask::ScratchDir::new("conn-drop-test").unwrap();
+        let redis = xtask::RedisServer::start(dir.path(), xtask::free_port(), None, None).unwrap();
+        let target = RedisTarget::Direct { url: redis.url() };
+        let store = Store::new(&target, Duration::from_millis(10)).unwrap();
+
+        let mut conn = store.connection().await.unwrap();
+        let _: Option<String> = redis::cmd("GET")
+            .arg("k")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        drop(conn);
+        assert_eq!(
+            pooled(&store),
+            1,
+            "a settled connection goes back to the pool"
+        );
+
+        let mut conn = store.connection().await.unwrap();
+        conn.watch(&["k".to_string()]);
+        let _: Option<String> = redis::cmd("GET")
+            .arg("k")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        drop(conn); // as a timeout drops the try that owns it
+        assert_eq!(
+            pooled(&store),
+            0,
+            "a watching connection went back to the pool"
+        );
+
+        let mut conn = store.connection().await.unwrap();
+        conn.watch(&["k".to_string()]);
+        store.confirm_read(&mut conn).await.unwrap();
+        drop(conn);
+        assert_eq!(
+            pooled(&store),
+            1,
+            "a transaction that ended goes back to the pool"
+        );
     }
 }

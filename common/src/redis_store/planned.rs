@@ -29,13 +29,15 @@
 //! once.
 
 use std::collections::{HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use redis::{Pipeline, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Store, StoreError, Tx, COMMAND_TIMEOUT};
+use super::{Conn, Store, StoreError, Tx, COMMAND_TIMEOUT};
 
 /// Plans per group at most.
 const MAX_GROUP: usize = 128;
@@ -211,19 +213,38 @@ async fn run_groups(store: Arc<Store>, mut waiting: mpsc::UnboundedReceiver<Box<
             take(plan, &mut group);
         }
         carried = overlapping;
-        commit_group(&store, group).await;
+        // A decision that panics (a bug) loses its group's plans (their callers hear
+        // `Unavailable`), not the loop.
+        if AssertUnwindSafe(commit_group(&store, group))
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            tracing::error!(store = %store.target(), "a planned transaction panicked");
+        }
     }
 }
 
-async fn commit_group(store: &Arc<Store>, mut group: Vec<Box<dyn Queued>>) {
+async fn commit_group(store: &Arc<Store>, group: Vec<Box<dyn Queued>>) {
     metrics::histogram!("redis_planned_group_size").record(group.len() as f64);
-    if group.len() == 1 {
-        let alone = group.pop().expect("one plan");
-        return alone.run_alone(store.clone()).await;
-    }
-    let committed = tokio::time::timeout(COMMAND_TIMEOUT * 2, commit_together(store, &mut group))
-        .await
-        .unwrap_or(false);
+    let mut group = group;
+    let committed = match store.connection().await {
+        // The connection is taken outside the time limit: a try that runs out of time
+        // leaves it mid-exchange, and dropping it then closes it (see `Conn`).
+        Ok(mut conn) => {
+            let tried = commit_together(store, &mut conn, &mut group);
+            match tokio::time::timeout(COMMAND_TIMEOUT * 2, tried).await {
+                Ok(Ok(committed)) => committed,
+                // Only this connection is closed: if the link broke, the plans' own
+                // runs find the other dead ones (and drain the pool) as any operation does.
+                Ok(Err(())) | Err(_) => {
+                    conn.discard();
+                    false
+                }
+            }
+        }
+        Err(_) => false,
+    };
     if committed {
         for plan in group {
             plan.answer();
@@ -237,15 +258,19 @@ async fn commit_group(store: &Arc<Store>, mut group: Vec<Box<dyn Queued>>) {
     }
 }
 
-/// One try of a group: true once every plan's decision is committed (or, for
-/// plans that wrote nothing, its reads confirmed).
-async fn commit_together(store: &Store, group: &mut [Box<dyn Queued>]) -> bool {
-    let Ok(mut conn) = store.connection().await else {
-        return false;
-    };
+/// One try of a group on `conn`: `Ok(true)` once every plan's decision is
+/// committed (or, for plans that wrote nothing, its reads confirmed);
+/// `Ok(false)` when a watched key changed (nothing written); `Err` when the
+/// connection failed or Redis refused a read (the connection is not reused).
+async fn commit_together(
+    store: &Store,
+    conn: &mut Conn,
+    group: &mut [Box<dyn Queued>],
+) -> Result<bool, ()> {
     let mut reads = redis::pipe();
     let watched: Vec<&String> = group.iter().flat_map(|p| p.watched()).collect();
     if !watched.is_empty() {
+        conn.unsettle();
         reads.cmd("WATCH").arg(watched).ignore();
     }
     let mut counts = Vec::with_capacity(group.len());
@@ -255,12 +280,10 @@ async fn commit_together(store: &Store, group: &mut [Box<dyn Queued>]) -> bool {
             reads.add_command(cmd.clone());
         }
     }
-    let values: Vec<Value> = match reads.query_async(&mut conn).await {
-        Ok(values) => values,
-        Err(_) => {
-            store.discard(conn);
-            return false;
-        }
+    let values: Vec<Value> = if reads.cmd_iter().next().is_none() {
+        Vec::new()
+    } else {
+        reads.query_async(conn).await.map_err(|_| ())?
     };
     let mut values = values.into_iter();
     let mut writes = redis::pipe();
@@ -271,15 +294,9 @@ async fn commit_together(store: &Store, group: &mut [Box<dyn Queued>]) -> bool {
         }
     }
     let confirmed = if writes.cmd_iter().next().is_none() {
-        store.confirm_read(&mut conn).await.map(|()| true)
+        store.confirm_read(conn).await.map(|()| true)
     } else {
-        store.exec_confirmed(&mut conn, &writes).await
+        store.exec_confirmed(conn, &writes).await
     };
-    match confirmed {
-        Ok(committed) => committed,
-        Err(_) => {
-            store.discard(conn);
-            false
-        }
-    }
+    confirmed.map_err(|_| ())
 }
