@@ -577,7 +577,8 @@ impl Store {
                     self.discard(conn);
                     retry.after(self.transient(e)?).await?;
                 }
-                // The timed-out future owned the connection; dropping it closed it.
+                // The timed-out future owned the connection: dropping it returned it to the
+                // pool if it held no state, closed it otherwise (see `Conn`).
                 Err(_) => {
                     retry
                         .after(Transient::Unavailable("command timed out".into()))
