@@ -17,7 +17,9 @@ each request:
   the key and both values.
 
 Client-visible means: `item:<id>` and `user:<id>` hashes without `held` (what saga steps
-hold until they settle, asynchronously), `order:<id>` JSON without `checkout` (a
+hold until they settle, asynchronously) -- for a batch id, what the batch rule covering it
+says unless the hash is of the rule's epoch (`common/src/counters/batches.rs`: a batch
+counter gets a hash of its own on its first change, which changes nothing visible), `order:<id>` JSON without `checkout` (a
 checkout's freeze, lifted before it answers); any other key whole. Left out on purpose:
 `idem:*` (a refusal decided from the stored state is recorded so a repeat gets the same
 answer: the contract), `itemsaga:*` / `usersaga:*` (per-saga step records and tombstones),
@@ -51,6 +53,30 @@ BATCH_CAP = int(os.environ.get("BATCH_CAP", "50"))
 IGNORED_PREFIXES = ("idem:", "itemsaga:", "usersaga:", "outbox:", "durability:mark")
 IGNORED_HASH_FIELDS = {"held"}
 IGNORED_ORDER_FIELDS = {"checkout"}
+# Counter families whose batch_init is a rule (key prefix -> rules key, count field, others).
+BATCH_FAMILIES = {
+    "item:": ("itembatches", "stock", ["price"]),
+    "user:": ("userbatches", "credit", []),
+}
+
+
+def covering_rule(rules: list[tuple[str, float]], index: int) -> dict[str, Any] | None:
+    """The rule for batch id `index`: the one with the smallest n above it (see batches.rs)."""
+    covering = [(n, member) for member, n in rules if n > index]
+    return json.loads(min(covering)[1]) if covering else None
+
+
+def resolved(key: str, raw: Any, rules_of: Any) -> Any:
+    """What a client sees of `key` whose stored value is `raw`, given the batch rules."""
+    for prefix, (rules_key, field, others) in BATCH_FAMILIES.items():
+        ident = key[len(prefix) :]
+        if key.startswith(prefix) and ident.isdigit() and str(int(ident)) == ident:
+            rule = covering_rule(rules_of(rules_key), int(ident))
+            if rule is not None and (raw is None or raw.get("epoch") != rule["epoch"]):
+                shown = {field: str(rule["count"]), "epoch": rule["epoch"]}
+                shown.update({f: str(v) for f, v in zip(others, rule["others"])})
+                return shown
+    return raw
 
 
 class StoreWatch:
@@ -126,11 +152,20 @@ class StoreWatch:
     def refresh(self, touched: set[tuple[int, str]]) -> list[tuple[str, Any, Any]]:
         """Reads the touched keys into the mirror; returns those whose visible value changed."""
         changed = []
+        rules_key_list = [rules_key for rules_key, _, _ in BATCH_FAMILIES.values()]
+        rules_before = {
+            (db, k): self.mirror.get((db, k)) or [] for db in self.clients for k in rules_key_list
+        }
+        rules_now = {
+            (db, k): self.project(db, k) or [] for db in self.clients for k in rules_key_list
+        }
         for db, key in sorted(touched):
             now = self.project(db, key)
             before = self.mirror.get((db, key))
-            if now != before:
-                changed.append((f"db {db} {key}", before, now))
+            seen_now = resolved(key, now, lambda k, db=db: rules_now[(db, k)])
+            seen_before = resolved(key, before, lambda k, db=db: rules_before[(db, k)])
+            if seen_now != seen_before:
+                changed.append((f"db {db} {key}", seen_before, seen_now))
             if now is None:
                 self.mirror.pop((db, key), None)
             else:

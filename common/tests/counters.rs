@@ -32,7 +32,7 @@ async fn fixture() -> Fixture {
     let target = RedisTarget::Direct { url: redis.url() };
     // No replica here: a short WAIT keeps the test quick.
     let store = Arc::new(Store::new(&target, Duration::from_millis(10)).unwrap());
-    let counters = Arc::new(Counters::new(store, "item", "stock"));
+    let counters = Arc::new(Counters::new(store, "item", "stock", &[]));
     Fixture {
         counters,
         _redis: redis,
@@ -313,7 +313,7 @@ async fn an_add_whose_exec_reply_was_lost_is_applied_once() {
         url: format!("redis://127.0.0.1:{}/", proxy.port()),
     };
     let store = Arc::new(Store::new(&through_proxy, Duration::from_millis(10)).unwrap());
-    let counters = Counters::new(store, "item", "stock");
+    let counters = Counters::new(store, "item", "stock", &[]);
     seed(&counters, "a", 10).await;
     for round in 1..=5 {
         proxy.drop_reply_after(b"EXEC");

@@ -45,7 +45,7 @@ struct Credit {
 
 impl Credit {
     async fn seeded(store: Arc<Store>) -> Self {
-        let counters = Counters::new(store.clone(), "user", "credit");
+        let counters = Counters::new(store.clone(), "user", "credit", &[]);
         let mut seed = redis::pipe();
         counters.init(&mut seed, "u", Amount::ZERO, "e", &[]);
         store.write(&seed).await.unwrap();

@@ -21,7 +21,7 @@ fn fixture() -> Fixture {
 
 /// Counters over a store of their own: what one participant process has.
 fn counters(f: &Fixture) -> Arc<Counters> {
-    Arc::new(Counters::new(f.store(), "item", "stock"))
+    Arc::new(Counters::new(f.store(), "item", "stock", &[]))
 }
 
 fn amount(n: i64) -> Amount {

@@ -15,7 +15,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use common::error::ApiError;
-use common::idempotency::{self, Answer, IdemKey};
+use common::idempotency::{Answer, IdemKey};
 use common::openapi::PositiveAmountParam;
 use common::openapi::{AmountParam, BatchDone, BatchSizeParam, ErrorBody, IdParam};
 use common::types::{parse_batch_size, Amount, UserId};
@@ -67,13 +67,7 @@ async fn batch_init(
 ) -> Result<Answer> {
     let n = parse_batch_size("n", &n)?;
     let money = Amount::parse("starting_money", &money)?;
-    idempotency::once_after(users.counters.store.as_ref(), &idem, async {
-        users.batch_init(n, money).await?;
-        Ok(Answer::ok(
-            json!({ "msg": format!("batch init for {n} users successful") }),
-        ))
-    })
-    .await
+    users.batch_init(n, money, &idem).await
 }
 
 #[utoipa::path(get, path = "/find_user/{user_id}", tag = "payment",

@@ -1,4 +1,6 @@
-//! Users in the payment store: `user:<id>` is a hash with `credit`. Credit
+//! Users in the payment store: `user:<id>` is a hash with `credit` (batch
+//! users get theirs on their first change; until then the batch rule in
+//! `userbatches` says what they are). Credit
 //! changes and saga steps go through [`Counters`], which makes every one of
 //! them a WATCH/MULTI/EXEC transaction recorded per saga.
 
@@ -9,7 +11,7 @@ use common::error::ApiError;
 use common::group_commit::Ledger;
 use common::idempotency::{self, Answer, IdemKey};
 use common::messages::{Action, Command, Outcome};
-use common::redis_store::{Store, StoreError};
+use common::redis_store::Store;
 use common::types::{Amount, UserId};
 use serde_json::json;
 
@@ -20,7 +22,7 @@ pub struct Users {
 impl Users {
     pub fn new(store: Arc<Store>) -> Self {
         Self {
-            counters: Counters::new(store, "user", "credit"),
+            counters: Counters::new(store, "user", "credit", &[]),
         }
     }
 
@@ -40,28 +42,28 @@ impl Users {
         .await
     }
 
-    /// Creates (or overwrites, in a new epoch) users `"0"`..`"n-1"`, in pipelined chunks.
-    pub async fn batch_init(&self, n: i64, credit: Amount) -> Result<(), ApiError> {
-        let epoch = new_epoch();
-        self.store()
-            .write_batch(n, |writes, ids| {
-                for i in ids {
-                    self.counters
-                        .init(writes, &i.to_string(), credit, &epoch, &[]);
-                }
-            })
-            .await?;
-        Ok(())
+    /// Creates (or overwrites, in a new epoch) users `"0"`..`"n-1"`, once per
+    /// idempotency key: one batch rule, not n hashes.
+    pub async fn batch_init(
+        &self,
+        n: i64,
+        credit: Amount,
+        idem: &IdemKey,
+    ) -> Result<Answer, ApiError> {
+        idempotency::once(self.store(), idem, || {
+            let mut writes = redis::pipe();
+            self.counters.init_batch(&mut writes, n, credit, &[]);
+            let msg = format!("batch init for {n} users successful");
+            (writes, Answer::ok(json!({ "msg": msg })))
+        })
+        .await
     }
 
     pub async fn credit(&self, id: &UserId) -> Result<Amount, ApiError> {
-        let key = self.counters.key(id.as_str());
-        let credit: Option<i64> = self
-            .store()
-            .query(redis::cmd("HGET").arg(&key).arg("credit"))
-            .await?;
-        let credit = credit.ok_or_else(|| ApiError::NotFound(format!("user {id} not found")))?;
-        Ok(Amount::new(credit).ok_or_else(|| StoreError::corrupt(&key, "negative credit"))?)
+        match self.counters.current(id.as_str()).await? {
+            Some(current) => Ok(current.count),
+            None => Err(ApiError::NotFound(format!("user {id} not found"))),
+        }
     }
 }
 

@@ -1,15 +1,17 @@
-//! Items in the stock store: `item:<id>` is a hash with `stock` and `price`.
-//! Stock changes and saga steps go through [`Counters`], which makes every
-//! one of them a WATCH/MULTI/EXEC transaction recorded per saga.
+//! Items in the stock store: `item:<id>` is a hash with `stock` and `price`
+//! (batch items get theirs on their first change; until then the batch rule in
+//! `itembatches` says what they are). Stock changes and saga steps go through
+//! [`Counters`], which makes every one of them a WATCH/MULTI/EXEC transaction
+//! recorded per saga.
 
 use std::sync::Arc;
 
-use common::counters::{new_epoch, Counters, SagaStep};
+use common::counters::{new_epoch, Counters, Current, SagaStep};
 use common::error::ApiError;
 use common::group_commit::Ledger;
 use common::idempotency::{self, Answer, IdemKey};
 use common::messages::{Action, Command, Line, Outcome};
-use common::redis_store::{Store, StoreError};
+use common::redis_store::Store;
 use common::types::{Amount, ItemId};
 use serde::Serialize;
 use serde_json::json;
@@ -27,7 +29,7 @@ pub struct Items {
 impl Items {
     pub fn new(store: Arc<Store>) -> Self {
         Self {
-            counters: Counters::new(store, "item", "stock"),
+            counters: Counters::new(store, "item", "stock", &["price"]),
         }
     }
 
@@ -40,51 +42,43 @@ impl Items {
         idempotency::once(self.store(), idem, || {
             let id = ItemId::new_random();
             let mut writes = redis::pipe();
-            self.init(&mut writes, id.as_str(), Amount::ZERO, price, &new_epoch());
+            self.counters.init(
+                &mut writes,
+                id.as_str(),
+                Amount::ZERO,
+                &new_epoch(),
+                &[price],
+            );
             (writes, Answer::ok(json!({ "item_id": id })))
         })
         .await
     }
 
-    fn init(
+    /// Creates (or overwrites, in a new epoch) items `"0"`..`"n-1"`, once per
+    /// idempotency key: one batch rule, not n hashes.
+    pub async fn batch_init(
         &self,
-        writes: &mut redis::Pipeline,
-        id: &str,
+        n: i64,
         stock: Amount,
         price: Amount,
-        epoch: &str,
-    ) {
-        self.counters
-            .init(writes, id, stock, epoch, &[("price", price.get())]);
-    }
-
-    /// Creates (or overwrites, in a new epoch) items `"0"`..`"n-1"`, in pipelined chunks.
-    pub async fn batch_init(&self, n: i64, stock: Amount, price: Amount) -> Result<(), ApiError> {
-        let epoch = new_epoch();
-        self.store()
-            .write_batch(n, |writes, ids| {
-                for i in ids {
-                    self.init(writes, &i.to_string(), stock, price, &epoch);
-                }
-            })
-            .await?;
-        Ok(())
+        idem: &IdemKey,
+    ) -> Result<Answer, ApiError> {
+        idempotency::once(self.store(), idem, || {
+            let mut writes = redis::pipe();
+            self.counters.init_batch(&mut writes, n, stock, &[price]);
+            let msg = format!("batch init for {n} items successful");
+            (writes, Answer::ok(json!({ "msg": msg })))
+        })
+        .await
     }
 
     pub async fn find(&self, id: &ItemId) -> Result<Item, ApiError> {
-        let key = self.counters.key(id.as_str());
-        let (stock, price): (Option<i64>, Option<i64>) = self
-            .store()
-            .query(redis::cmd("HMGET").arg(&key).arg("stock").arg("price"))
-            .await?;
-        match (stock, price) {
-            (Some(stock), Some(price)) => Ok(Item {
-                stock: Amount::new(stock)
-                    .ok_or_else(|| StoreError::corrupt(&key, "negative stock"))?,
-                price: Amount::new(price)
-                    .ok_or_else(|| StoreError::corrupt(&key, "negative price"))?,
+        match self.counters.current(id.as_str()).await? {
+            Some(Current { count, others }) => Ok(Item {
+                stock: count,
+                price: others[0],
             }),
-            _ => Err(ApiError::NotFound(format!("item {id} not found"))),
+            None => Err(ApiError::NotFound(format!("item {id} not found"))),
         }
     }
 }

@@ -15,7 +15,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use common::error::ApiError;
-use common::idempotency::{self, Answer, IdemKey};
+use common::idempotency::{Answer, IdemKey};
 use common::openapi::PositiveAmountParam;
 use common::openapi::{AmountParam, BatchDone, BatchSizeParam, ErrorBody, IdParam};
 use common::types::{parse_batch_size, Amount, ItemId};
@@ -78,13 +78,7 @@ async fn batch_init(
     let n = parse_batch_size("n", &n)?;
     let stock = Amount::parse("starting_stock", &stock)?;
     let price = Amount::parse("item_price", &price)?;
-    idempotency::once_after(items.counters.store.as_ref(), &idem, async {
-        items.batch_init(n, stock, price).await?;
-        Ok(Answer::ok(
-            json!({ "msg": format!("batch init for {n} items successful") }),
-        ))
-    })
-    .await
+    items.batch_init(n, stock, price, &idem).await
 }
 
 #[utoipa::path(get, path = "/find/{item_id}", tag = "stock",

@@ -12,6 +12,10 @@
 //!   took is given back only to the epoch it was taken from: an overwritten
 //!   counter starts from the value it was given, not from that plus old holds.
 //!
+//! `batch_init` writes no hashes: it records a rule that ids `0`..`n-1` start
+//! at a value ([`batches`]), and a batch counter gets a hash of its own on its
+//! first change.
+//!
 //! This module holds the counters and their plain changes (`add`, `subtract`:
 //! HTTP, once per idempotency key); the saga steps (take, give back, settle,
 //! applied many at a time, each recorded per saga) are in [`steps`].
@@ -19,6 +23,7 @@
 //! Work on the same counter is serialised inside the process by
 //! [`KeyLocks`]; WATCH then only arbitrates between processes.
 
+mod batches;
 mod steps;
 
 use std::sync::Arc;
@@ -36,12 +41,24 @@ pub use steps::{SagaStep, TOMBSTONE_TTL_SECS};
 const HELD: &str = "held";
 const EPOCH: &str = "epoch";
 
-/// A counter as stored.
+/// A counter as read (from its hash, or from the batch rule that covers it).
 #[derive(Debug, Clone)]
 struct State {
     count: Amount,
     held: Amount,
     epoch: String,
+    /// The family's other fields (an item's price), as [`Counters::others`] names them.
+    others: Vec<Amount>,
+    /// False when the value comes from a batch rule: the first write then
+    /// writes every field, making the hash the counter's own.
+    in_hash: bool,
+}
+
+/// What a client sees of a counter: its count and the family's other fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Current {
+    pub count: Amount,
+    pub others: Vec<Amount>,
 }
 
 /// A family of counters: one hash per id under `noun:`, the count in `field`.
@@ -52,21 +69,41 @@ pub struct Counters {
     noun: &'static str,
     /// `"stock"` or `"credit"`.
     field: &'static str,
+    /// The other fields of the hash, set at creation and by `batch_init` (`["price"]`).
+    others: &'static [&'static str],
 }
 
 impl Counters {
-    pub fn new(store: Arc<Store>, noun: &'static str, field: &'static str) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        noun: &'static str,
+        field: &'static str,
+        others: &'static [&'static str],
+    ) -> Self {
         Self {
             store,
             locks: KeyLocks::default(),
             noun,
             field,
+            others,
         }
     }
 
     /// The Redis key of the hash that holds `id`'s counter.
     pub fn key(&self, id: &str) -> String {
         format!("{}:{id}", self.noun)
+    }
+
+    /// The sorted set of this family's batch rules (see [`batches`]).
+    pub fn rules_key(&self) -> String {
+        format!("{}batches", self.noun)
+    }
+
+    /// The id a counter key names.
+    fn id_of<'k>(&self, key: &'k str) -> &'k str {
+        key.strip_prefix(self.noun)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .unwrap_or(key)
     }
 
     fn saga_key(&self, saga: SagaId) -> String {
@@ -78,64 +115,191 @@ impl Counters {
     }
 
     /// Adds the write that (re)initialises counter `id` to `count` in a new `epoch`
-    /// (creation and `batch_init`: nothing is held in a new epoch), together with the
-    /// service's `other` fields of the same hash (an item's `price`): one command per
-    /// counter, which is what `batch_init` of 100k pays for.
+    /// (creation: nothing is held in a new epoch), with the family's `others` in the
+    /// order [`Counters::others`] names them.
     pub fn init(
         &self,
         writes: &mut redis::Pipeline,
         id: &str,
         count: Amount,
         epoch: &str,
-        other: &[(&str, i64)],
+        others: &[Amount],
     ) {
+        let state = State {
+            count,
+            held: Amount::ZERO,
+            epoch: epoch.to_string(),
+            others: others.to_vec(),
+            in_hash: false,
+        };
+        self.queue_write(writes, &self.key(id), &state);
+    }
+
+    /// Adds the writes of `batch_init(n)`: ids `0`..`n-1` start at `count` and
+    /// `others` in a new epoch, whatever they were (see [`batches`]).
+    pub fn init_batch(
+        &self,
+        writes: &mut redis::Pipeline,
+        n: i64,
+        count: Amount,
+        others: &[Amount],
+    ) {
+        if n <= 0 {
+            return;
+        }
+        let rules = self.rules_key();
+        // Rules for at most n ids are covered by this one entirely.
+        writes.zrembyscore(&rules, "-inf", n).ignore();
+        let rule = batches::Rule {
+            epoch: new_epoch(),
+            count,
+            others: others.to_vec(),
+        };
+        writes.zadd(&rules, rule.encode(), n).ignore();
+    }
+
+    /// Queues the reads of counter `key`: its hash and, for a batch id, the rule
+    /// that covers it. [`Counters::take_state`] consumes their replies.
+    fn queue_read(&self, reads: &mut redis::Pipeline, key: &str) {
+        let hmget = reads
+            .cmd("HMGET")
+            .arg(key)
+            .arg(self.field)
+            .arg(HELD)
+            .arg(EPOCH);
+        for field in self.others {
+            hmget.arg(*field);
+        }
+        if let Some(i) = batches::batch_index(self.id_of(key)) {
+            reads
+                .cmd("ZRANGEBYSCORE")
+                .arg(self.rules_key())
+                .arg(format!("({i}"))
+                .arg("+inf")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(1);
+        }
+    }
+
+    /// A counter's state from the replies to [`Counters::queue_read`] (taken
+    /// from `replies`): `None` when the id does not exist, `Err` (why) when a
+    /// value is not what this code writes.
+    fn take_state(
+        &self,
+        key: &str,
+        replies: &mut impl Iterator<Item = redis::Value>,
+    ) -> Result<Option<State>, String> {
+        let hash = replies.next().unwrap_or(redis::Value::Nil);
+        let rule = match batches::batch_index(self.id_of(key)) {
+            Some(_) => replies.next(),
+            None => None,
+        };
+        let mut fields: Vec<redis::Value> =
+            redis::from_redis_value(hash).map_err(|e| e.to_string())?;
+        let wanted = 3 + self.others.len();
+        fields.resize(wanted, redis::Value::Nil);
+        let number = |v: redis::Value| -> Result<Option<i64>, String> {
+            redis::from_redis_value(v).map_err(|e| e.to_string())
+        };
+        let mut fields = fields.into_iter();
+        let mut next = || fields.next().unwrap_or(redis::Value::Nil);
+        let stored = batches::Stored {
+            count: number(next())?,
+            held: number(next())?,
+            epoch: redis::from_redis_value(next()).map_err(|e| e.to_string())?,
+            others: (0..self.others.len())
+                .map(|_| number(next()))
+                .collect::<Result<_, _>>()?,
+        };
+        let rule = match rule {
+            None => None,
+            Some(reply) => {
+                let found: Vec<String> =
+                    redis::from_redis_value(reply).map_err(|e| e.to_string())?;
+                found
+                    .first()
+                    .map(|text| batches::Rule::decode(text))
+                    .transpose()?
+            }
+        };
+        let amount = |v: i64, what: &str| Amount::new(v).ok_or_else(|| format!("negative {what}"));
+        match batches::source(&stored, rule) {
+            batches::Source::Missing => Ok(None),
+            batches::Source::Rule(rule) => Ok(Some(State {
+                count: rule.count,
+                held: Amount::ZERO,
+                epoch: rule.epoch,
+                others: rule.others,
+                in_hash: false,
+            })),
+            batches::Source::Hash => {
+                let others = stored
+                    .others
+                    .iter()
+                    .zip(self.others)
+                    .map(|(v, field)| amount(v.unwrap_or(0), field))
+                    .collect::<Result<_, _>>()?;
+                Ok(Some(State {
+                    count: amount(stored.count.unwrap_or(0), self.field)?,
+                    held: amount(stored.held.unwrap_or(0), HELD)?,
+                    epoch: stored.epoch.unwrap_or_default(),
+                    others,
+                    in_hash: true,
+                }))
+            }
+        }
+    }
+
+    /// Queues the write of `state` to `key`: the count and `held`, and every
+    /// other field too when the hash does not hold the counter yet.
+    fn queue_write(&self, writes: &mut redis::Pipeline, key: &str, state: &State) {
         let hset = writes
             .cmd("HSET")
-            .arg(self.key(id))
+            .arg(key)
             .arg(self.field)
-            .arg(count.get())
+            .arg(state.count.get())
             .arg(HELD)
-            .arg(0)
-            .arg(EPOCH)
-            .arg(epoch);
-        for (field, value) in other {
-            hset.arg(*field).arg(*value);
+            .arg(state.held.get());
+        if !state.in_hash {
+            hset.arg(EPOCH).arg(&state.epoch);
+            for (field, value) in self.others.iter().zip(&state.others) {
+                hset.arg(*field).arg(value.get());
+            }
         }
         hset.ignore();
     }
 
-    /// `HMGET` of what a counter's state is made of (see [`Counters::parse_state`]).
-    fn read_command(&self, key: &str) -> redis::Cmd {
-        let mut cmd = redis::cmd("HMGET");
-        cmd.arg(key).arg(self.field).arg(HELD).arg(EPOCH);
-        cmd
-    }
-
-    /// A counter's state from the reply to [`Counters::read_command`]: `None` when the id
-    /// does not exist, `Err` (why) when the value is not what this code writes.
-    fn parse_state(&self, reply: redis::Value) -> Result<Option<State>, String> {
-        let (count, held, epoch): (Option<i64>, Option<i64>, Option<String>) =
-            redis::from_redis_value(reply).map_err(|e| e.to_string())?;
-        let Some(count) = count else {
-            return Ok(None);
-        };
-        let amount = |v: i64, what: &str| Amount::new(v).ok_or_else(|| format!("negative {what}"));
-        Ok(Some(State {
-            count: amount(count, self.field)?,
-            held: amount(held.unwrap_or(0), HELD)?,
-            epoch: epoch.unwrap_or_default(),
-        }))
-    }
-
     /// Reads a watched counter; `None` when the id does not exist.
     async fn read(&self, conn: &mut Conn, key: &str) -> Result<Option<State>, StoreError> {
-        let reply: redis::Value = self
-            .read_command(key)
-            .query_async(conn)
-            .await
-            .map_err(StoreError::Redis)?;
-        self.parse_state(reply)
+        let mut reads = redis::pipe();
+        self.queue_read(&mut reads, key);
+        let replies: Vec<redis::Value> =
+            reads.query_async(conn).await.map_err(StoreError::Redis)?;
+        self.take_state(key, &mut replies.into_iter())
             .map_err(|why| StoreError::corrupt(key, why))
+    }
+
+    /// What a client sees of counter `id` (`find`); `None` when it does not exist.
+    pub async fn current(&self, id: &str) -> Result<Option<Current>, StoreError> {
+        let key = self.key(id);
+        let mut reads = redis::pipe();
+        self.queue_read(&mut reads, &key);
+        let reads = &reads;
+        let replies: Vec<redis::Value> = self
+            .store
+            .run(|mut conn| async move {
+                let result = reads.query_async(&mut conn).await;
+                (conn, result)
+            })
+            .await?;
+        let state = self
+            .take_state(&key, &mut replies.into_iter())
+            .map_err(|why| StoreError::corrupt(&key, why))?;
+        Ok(state.map(|s| Current {
+            count: s.count,
+            others: s.others,
+        }))
     }
 
     /// `POST add`: adds `amount`, exactly once per idempotency key. Refused
@@ -210,7 +374,11 @@ impl Counters {
                         None => Answer::refusal(&self.not_found(id)),
                         Some(state) => match apply(&state) {
                             Ok(new) => {
-                                writes.hset(key_ref, self.field, new.get()).ignore();
+                                let state = State {
+                                    count: new,
+                                    ..state
+                                };
+                                self.queue_write(&mut writes, key_ref, &state);
                                 Answer::ok(render(new))
                             }
                             Err(refusal) => Answer::refusal(&refusal),

@@ -274,7 +274,7 @@ impl Counters {
             reads.cmd("GET").arg(key);
         }
         for key in counter_keys {
-            reads.add_command(self.read_command(key));
+            self.queue_read(&mut reads, key);
         }
         let replies: Vec<Value> = reads.query_async(conn).await.map_err(StoreError::Redis)?;
         let mut replies = replies.into_iter();
@@ -286,8 +286,8 @@ impl Counters {
             view.records.insert(key.clone(), record);
         }
         for key in counter_keys {
-            let reply = replies.next().unwrap_or(Value::Nil);
-            view.counters.insert(key.clone(), self.parse_state(reply));
+            let state = self.take_state(key, &mut replies);
+            view.counters.insert(key.clone(), state);
         }
         Ok(())
     }
@@ -391,7 +391,7 @@ impl Counters {
                 State {
                     count: left,
                     held,
-                    epoch: state.epoch,
+                    ..state
                 },
             ));
         }
@@ -440,7 +440,7 @@ impl Counters {
                         State {
                             count,
                             held,
-                            epoch: state.epoch,
+                            ..state
                         },
                     ));
                 }
@@ -473,14 +473,7 @@ impl Counters {
         let mut writes = redis::pipe();
         for key in &view.changed_counters {
             if let Some(Ok(Some(state))) = view.counters.get(key) {
-                writes
-                    .cmd("HSET")
-                    .arg(key)
-                    .arg(self.field)
-                    .arg(state.count.get())
-                    .arg(HELD)
-                    .arg(state.held.get())
-                    .ignore();
+                self.queue_write(&mut writes, key, state);
             }
         }
         for key in &view.changed_records {
