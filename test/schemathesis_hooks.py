@@ -70,7 +70,7 @@ def resolved(key: str, raw: Any, rules_of: Any) -> Any:
     """What a client sees of `key` whose stored value is `raw`, given the batch rules."""
     for prefix, (rules_key, field, others) in BATCH_FAMILIES.items():
         ident = key[len(prefix) :]
-        if key.startswith(prefix) and ident.isdigit() and str(int(ident)) == ident:
+        if key.startswith(prefix) and ident.isascii() and ident.isdigit() and str(int(ident)) == ident:
             rule = covering_rule(rules_of(rules_key), int(ident))
             if rule is not None and (raw is None or raw.get("epoch") != rule["epoch"]):
                 shown = {field: str(rule["count"]), "epoch": rule["epoch"]}

@@ -206,3 +206,27 @@ async fn takes_racing_a_batch_init_give_back_only_to_their_own_epoch() {
     }
     assert_eq!(current(&f.counters, "0").await, Some((300, 1)));
 }
+
+/// A rule that is not what this code writes (a field missing) fails the read
+/// as corrupt data; it never panics or invents a value.
+#[tokio::test]
+async fn a_malformed_rule_is_reported_as_corrupt() {
+    let f = fixture();
+    let _: () = f
+        .counters
+        .store
+        .query(
+            redis::cmd("ZADD")
+                .arg(f.counters.rules_key())
+                .arg(10)
+                .arg(r#"{"epoch":"e","count":5,"others":[]}"#),
+        )
+        .await
+        .unwrap();
+    let read = f.counters.current("3").await;
+    assert!(
+        read.as_ref()
+            .is_err_and(|e| e.to_string().contains("other fields")),
+        "{read:?}"
+    );
+}

@@ -226,6 +226,11 @@ impl Counters {
         let amount = |v: i64, what: &str| Amount::new(v).ok_or_else(|| format!("negative {what}"));
         match batches::source(&stored, rule) {
             batches::Source::Missing => Ok(None),
+            batches::Source::Rule(rule) if rule.others.len() != self.others.len() => Err(format!(
+                "batch rule has {} other fields, {} expected",
+                rule.others.len(),
+                self.others.len()
+            )),
             batches::Source::Rule(rule) => Ok(Some(State {
                 count: rule.count,
                 held: Amount::ZERO,
