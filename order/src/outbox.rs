@@ -13,7 +13,8 @@
 //! type), persistent and publisher-confirmed, and only then acknowledges and
 //! deletes them. The instances share the stream through one consumer group:
 //! each event goes to one relay; one that died holding events loses them to
-//! another after [`CLAIM_IDLE`]. Delivery is therefore at least once: each
+//! another after [`CLAIM_IDLE`] (relays look for such events every few
+//! seconds, not on every pass). Delivery is therefore at least once: each
 //! event carries a stable `event_id` (also the AMQP `message_id`), and
 //! consumers drop repeats by it.
 
@@ -36,6 +37,9 @@ pub const EVENTS_EXCHANGE: &str = "order.events";
 /// An event read by a relay that has not acknowledged it for this long is
 /// taken over by another (its relay is presumed dead).
 pub const CLAIM_IDLE: Duration = Duration::from_secs(10);
+/// How often a relay looks for such events: a dead relay's events wait at most
+/// `CLAIM_IDLE + CLAIM_EVERY`, and a pass under load costs one round trip fewer.
+const CLAIM_EVERY: Duration = Duration::from_secs(5);
 /// Lifetime of the stream key, renewed whenever events are added or relayed:
 /// it only lapses if no order instance ran for that long.
 const OUTBOX_TTL_SECS: i64 = 30 * 24 * 3600;
@@ -130,8 +134,14 @@ pub async fn relay_forever(
     consumer: String,
     wake: Arc<Wake>,
 ) {
+    let mut next_claim = tokio::time::Instant::now();
     loop {
-        match relay_once(&store, &broker, &consumer).await {
+        let now = tokio::time::Instant::now();
+        let claim = now >= next_claim;
+        if claim {
+            next_claim = now + CLAIM_EVERY;
+        }
+        match relay_once(&store, &broker, &consumer, claim).await {
             // A full batch: there may be more right away.
             Ok(n) if n == BATCH => continue,
             Ok(_) => {}
@@ -141,13 +151,66 @@ pub async fn relay_forever(
     }
 }
 
-/// One pass: take over events a dead relay left, read new ones, publish
-/// them, then acknowledge and delete them. Returns how many were relayed.
+/// One pass: take over events a dead relay left (when `claim`), read new
+/// ones, publish them, then acknowledge and delete them. Returns how many were
+/// relayed.
 pub async fn relay_once(
     store: &Store,
     broker: &Broker,
     consumer: &str,
+    claim: bool,
 ) -> Result<usize, RelayError> {
+    let mut entries = if claim {
+        take_over(store, consumer).await?
+    } else {
+        Vec::new()
+    };
+    if entries.len() < BATCH {
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP")
+            .arg(GROUP)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(BATCH - entries.len())
+            .arg("STREAMS")
+            .arg(OUTBOX)
+            .arg(">");
+        let read: StreamReadReply = with_group(store, &read).await?;
+        entries.extend(read.keys.into_iter().flat_map(|k| k.ids));
+    }
+    if entries.is_empty() {
+        return Ok(0);
+    }
+    publish(broker, &entries).await?;
+    let done: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+    let mut writes = redis::pipe();
+    writes
+        .cmd("XACK")
+        .arg(OUTBOX)
+        .arg(GROUP)
+        .arg(&done)
+        .ignore()
+        .cmd("XDEL")
+        .arg(OUTBOX)
+        .arg(&done)
+        .ignore()
+        .expire(OUTBOX, OUTBOX_TTL_SECS)
+        .ignore();
+    // Not confirmed on a replica: nobody is told it happened. Lost (a failover
+    // before a replica had it), the events are published again, and consumers
+    // drop repeats by event id.
+    let writes = &writes;
+    store
+        .run(|mut conn| async move {
+            let result = writes.query_async::<()>(&mut conn).await;
+            (conn, result)
+        })
+        .await?;
+    Ok(done.len())
+}
+
+/// The events other relays read and left unacknowledged for [`CLAIM_IDLE`].
+async fn take_over(store: &Store, consumer: &str) -> Result<Vec<StreamId>, RelayError> {
     let mut autoclaim = redis::cmd("XAUTOCLAIM");
     autoclaim
         .arg(OUTBOX)
@@ -157,37 +220,30 @@ pub async fn relay_once(
         .arg("0-0")
         .arg("COUNT")
         .arg(BATCH);
-    // The group is made once, by whichever relay first finds it missing (not
-    // on every pass: a pass runs after every decision).
-    let claimed: StreamAutoClaimReply = match store.query(&autoclaim).await {
+    let claimed: StreamAutoClaimReply = with_group(store, &autoclaim).await?;
+    Ok(claimed.claimed)
+}
+
+/// Runs a command on the relays' group, making the group first if it is
+/// missing: once, by whichever relay first finds it so (not on every pass: a
+/// pass runs after every decision).
+async fn with_group<T: redis::FromRedisValue>(
+    store: &Store,
+    cmd: &redis::Cmd,
+) -> Result<T, RelayError> {
+    match store.query(cmd).await {
         Err(e) if e.to_string().contains("NOGROUP") => {
             ensure_group(store).await?;
-            store.query(&autoclaim).await?
+            Ok(store.query(cmd).await?)
         }
-        claimed => claimed?,
-    };
-    let mut entries = claimed.claimed;
-    if entries.len() < BATCH {
-        let read: StreamReadReply = store
-            .query(
-                redis::cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg(GROUP)
-                    .arg(consumer)
-                    .arg("COUNT")
-                    .arg(BATCH - entries.len())
-                    .arg("STREAMS")
-                    .arg(OUTBOX)
-                    .arg(">"),
-            )
-            .await?;
-        entries.extend(read.keys.into_iter().flat_map(|k| k.ids));
+        reply => Ok(reply?),
     }
-    if entries.is_empty() {
-        return Ok(0);
-    }
-    // Every event of the pass is published at once (each waits for its own confirm), not one
-    // confirm after another: a pass takes one broker round trip however many it relays.
+}
+
+/// Publishes every event of a pass at once (each waits for its own confirm),
+/// not one confirm after another: a pass takes one broker round trip however
+/// many it relays.
+async fn publish(broker: &Broker, entries: &[StreamId]) -> Result<(), RelayError> {
     let publishes = entries.iter().map(|entry| async move {
         match decode(entry) {
             Some(event) => {
@@ -209,26 +265,10 @@ pub async fn relay_once(
                 metrics::counter!("outbox_events_dropped_total").increment(1);
             }
         }
-        Ok::<_, RelayError>(entry.id.clone())
+        Ok::<_, RelayError>(())
     });
-    let done = futures::future::try_join_all(publishes).await?;
-    let mut writes = redis::pipe();
-    writes
-        .cmd("XACK")
-        .arg(OUTBOX)
-        .arg(GROUP)
-        .arg(&done)
-        .ignore()
-        .cmd("XDEL")
-        .arg(OUTBOX)
-        .arg(&done)
-        .ignore()
-        .expire(OUTBOX, OUTBOX_TTL_SECS)
-        .ignore();
-    // Lost here (a failover before a replica had it), the events are published
-    // again: consumers drop repeats by event id.
-    store.write(&writes).await?;
-    Ok(done.len())
+    futures::future::try_join_all(publishes).await?;
+    Ok(())
 }
 
 fn decode(entry: &StreamId) -> Option<Event> {

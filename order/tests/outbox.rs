@@ -216,12 +216,26 @@ async fn an_event_a_dead_relay_held_is_relayed_by_another() {
     let broker = Broker::new(&amqp.url, QueueType::Classic, &[]);
     let live = "live-relay";
     assert_eq!(
-        outbox::relay_once(&store, &broker, live).await.unwrap(),
+        outbox::relay_once(&store, &broker, live, true)
+            .await
+            .unwrap(),
         0,
         "taken over before it was idle for CLAIM_IDLE"
     );
     tokio::time::sleep(outbox::CLAIM_IDLE + Duration::from_millis(500)).await;
-    assert_eq!(outbox::relay_once(&store, &broker, live).await.unwrap(), 1);
+    assert_eq!(
+        outbox::relay_once(&store, &broker, live, false)
+            .await
+            .unwrap(),
+        0,
+        "a pass that does not look for a dead relay's events reads only new ones"
+    );
+    assert_eq!(
+        outbox::relay_once(&store, &broker, live, true)
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(outbox_length(&redis), 0, "relayed events leave the outbox");
 
     let got = events_for(&received, id.as_str()).await;
@@ -229,6 +243,27 @@ async fn an_event_a_dead_relay_held_is_relayed_by_another() {
     assert_eq!(got[0].0.event_type, EventType::Paid);
     assert_eq!(got[0].0.saga_id, saga);
     assert_eq!(got[0].1, 1);
+}
+
+/// The first pass of a relay on a new outbox need not be one that looks for a
+/// dead relay's events: reading new ones makes the consumer group too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pass_that_only_reads_makes_the_group_it_needs() {
+    let amqp = support::test_broker("outbox-group");
+    let dir = ScratchDir::new("outbox-test").unwrap();
+    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let store = direct_store(&redis.url());
+    let saga = SagaId::new();
+    let (orders, id) = frozen_order(&redis.url(), saga).await;
+    assert!(orders.commit(&id, saga).await.unwrap());
+    let broker = Broker::new(&amqp.url, QueueType::Classic, &[]);
+    assert_eq!(
+        outbox::relay_once(&store, &broker, "first", false)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(outbox_length(&redis), 0, "relayed events leave the outbox");
 }
 
 /// A commit whose EXEC ran but whose reply was lost is retried by the store;
