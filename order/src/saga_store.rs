@@ -129,9 +129,25 @@ impl StepLog {
 
 /// Adds the step fields to `writes`.
 fn write_steps(writes: &mut redis::Pipeline, key: &str, steps: &[StepLog]) {
-    for step in steps {
-        let json = serde_json::to_string(step).expect("step logs serialize");
-        writes.hset(key, step.field(), json).ignore();
+    write_fields(writes, key, step_fields(steps));
+}
+
+/// The hash fields that log `steps`.
+fn step_fields(steps: &[StepLog]) -> Vec<(String, String)> {
+    steps
+        .iter()
+        .map(|step| {
+            let json = serde_json::to_string(step).expect("step logs serialize");
+            (step.field(), json)
+        })
+        .collect()
+}
+
+/// One HSET of every field (none: nothing): each command is applied, logged and
+/// replicated to two replicas, so a saga's fields go together.
+fn write_fields(writes: &mut redis::Pipeline, key: &str, fields: Vec<(String, String)>) {
+    if !fields.is_empty() {
+        writes.hset_multiple(key, &fields).ignore();
     }
 }
 
@@ -628,12 +644,12 @@ impl SagaStore {
                     None => Err(StoreError::corrupt(key.as_str(), "bad state")),
                     Some(SagaState::Pending) => {
                         let mut writes = redis::pipe();
-                        writes
-                            .hset(&key, "state", decision.as_str())
-                            .ignore()
-                            .hset(&key, "decided_ms", common::now_ms())
-                            .ignore();
-                        write_steps(&mut writes, &key, &steps);
+                        let mut fields = vec![
+                            ("state".to_string(), decision.as_str().to_string()),
+                            ("decided_ms".to_string(), common::now_ms().to_string()),
+                        ];
+                        fields.extend(step_fields(&steps));
+                        write_fields(&mut writes, &key, fields);
                         if let Some(pointer) = &pointer {
                             writes
                                 .set_ex(pointer, id.to_string(), POINTER_SECS)
@@ -718,12 +734,15 @@ impl SagaStore {
                     .ignore()
                     .hset_nx(&key, "reason", &reason)
                     .ignore();
-                write_steps(&mut writes, &key, &steps);
+                let mut fields = step_fields(&steps);
+                if let Some(answer) = &answer {
+                    fields.push(("answer".to_string(), answer.encode()));
+                }
+                write_fields(&mut writes, &key, fields);
                 if latest.as_deref() == Some(saga.id.to_string().as_str()) {
                     writes.expire(&pointer, RETENTION_SECS).ignore();
                 }
                 if let Some(answer) = &answer {
-                    writes.hset(&key, "answer", answer.encode()).ignore();
                     if let Some((idem_key, ttl)) = &saga.idem {
                         writes.set_ex(idem_key, answer.encode(), *ttl).ignore();
                     }
