@@ -195,13 +195,11 @@ impl Counters {
             Some(_) => replies.next(),
             None => None,
         };
-        let mut fields: Vec<redis::Value> =
-            redis::from_redis_value(hash).map_err(|e| e.to_string())?;
-        let wanted = 3 + self.others.len();
-        fields.resize(wanted, redis::Value::Nil);
+        let fields: Vec<redis::Value> = redis::from_redis_value(hash).map_err(|e| e.to_string())?;
         let number = |v: redis::Value| -> Result<Option<i64>, String> {
             redis::from_redis_value(v).map_err(|e| e.to_string())
         };
+        // A field HMGET did not answer reads as absent.
         let mut fields = fields.into_iter();
         let mut next = || fields.next().unwrap_or(redis::Value::Nil);
         let stored = batches::Stored {

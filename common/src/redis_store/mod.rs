@@ -476,6 +476,17 @@ impl Store {
         }
     }
 
+    /// A master connection, waiting (within `retry`'s budget) while the store
+    /// cannot give one: the first step of every retry loop here.
+    async fn connection_within(&self, retry: &mut Retry<'_>) -> Result<Conn, StoreError> {
+        loop {
+            match self.connection().await {
+                Ok(conn) => return Ok(conn),
+                Err(e) => retry.after(Transient::Unavailable(e)).await?,
+            }
+        }
+    }
+
     fn retry(&self) -> Retry<'_> {
         Retry {
             store: self,
@@ -563,13 +574,7 @@ impl Store {
     {
         let mut retry = self.retry();
         loop {
-            let conn = match self.connection().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    retry.after(Transient::Unavailable(e)).await?;
-                    continue;
-                }
-            };
+            let conn = self.connection_within(&mut retry).await?;
             match tokio::time::timeout(COMMAND_TIMEOUT, op(conn)).await {
                 Ok((_conn, Ok(value))) => return Ok(value),
                 Ok((conn, Err(e))) => {
@@ -601,13 +606,7 @@ impl Store {
     {
         let mut retry = self.retry();
         loop {
-            let conn = match self.connection().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    retry.after(Transient::Unavailable(e)).await?;
-                    continue;
-                }
-            };
+            let conn = self.connection_within(&mut retry).await?;
             let attempt = self.attempt(conn, keys, &mut body);
             match tokio::time::timeout(COMMAND_TIMEOUT * 2, attempt).await {
                 Ok(Ok(Some(value))) => return Ok(value),
@@ -683,13 +682,7 @@ impl Store {
     pub async fn write(&self, writes: &Pipeline) -> Result<(), StoreError> {
         let mut retry = self.retry();
         loop {
-            let mut conn = match self.connection().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    retry.after(Transient::Unavailable(e)).await?;
-                    continue;
-                }
-            };
+            let mut conn = self.connection_within(&mut retry).await?;
             let mut atomic = writes.clone();
             let sent = tokio::time::timeout(
                 COMMAND_TIMEOUT,
