@@ -7,9 +7,16 @@
 //!      reserve ──►│◄── charge        (sequential or parallel, each with a timeout)
 //!                 │
 //!   all applied? ─┴─ decide on the order itself (compare-and-set), then log it:
-//!      commit: order paid by this saga ──► COMMITTED ──► 200 ──► settle ──► finished
+//!      commit: order paid by this saga ──► 200 ──► settle ──► COMMITTED + finished
 //!      fence:  order's hold removed    ──► ABORTED ──► release + refund ──► finished ──► 400
+//!              (nothing was taken:         ABORTED + finished ──► 400)
 //! ```
+//!
+//! A decision after which nothing is left to do is logged with the saga's
+//! end, in one MULTI/EXEC: a commit (its settle is sent before the log, since
+//! the order has decided already: if the owner dies in between, recovery
+//! finds the order paid by this saga and settles again, which replays) and an
+//! abort that took nothing.
 //!
 //! Why the decision is taken on the order: the order is the record of what
 //! was bought. While a saga holds it (`checkout`), `addItem` answers 409,
@@ -54,6 +61,7 @@ use common::error::ApiError;
 use common::grouped::Grouped;
 use common::idempotency::{Answer, IdemKey};
 use common::messages::{Action, Command, Outcome, Step};
+use common::redis_store::StoreError;
 use common::types::{OrderId, SagaId};
 use serde_json::json;
 use tokio::sync::oneshot;
@@ -63,7 +71,8 @@ use tracing::Instrument;
 use crate::orders::{Freeze, Order, Orders};
 use crate::replies::Replies;
 use crate::saga_store::{
-    Begin, Progress, Recorded, SagaRecord, SagaState, SagaStore, SagaView, StepLog, ViewState,
+    Begin, Decision, End, Logged, Progress, Recorded, SagaRecord, SagaState, SagaStore, SagaView,
+    StepLog, ViewState,
 };
 
 /// What came back for one step.
@@ -331,10 +340,21 @@ impl Orchestrator {
     }
 
     async fn abandon(&self, saga: &SagaRecord) -> Result<(), ApiError> {
-        self.sagas.decide(saga.id, SagaState::Aborted).await?;
-        self.sagas
-            .finish(saga, None, "abandoned: the order changed")
-            .await?;
+        let reason = "abandoned: the order changed";
+        let decision = Decision {
+            state: SagaState::Aborted,
+            held_order: false,
+            steps: Vec::new(),
+            end: Some(End {
+                answer: None,
+                reason: reason.into(),
+                steps: Vec::new(),
+            }),
+        };
+        if let Logged::Before(_) = self.sagas.decide(saga, decision).await? {
+            // Recovery took it over meanwhile: whoever ends it first, it ends.
+            self.sagas.finish(saga, None, reason).await?;
+        }
         Ok(())
     }
 
@@ -412,54 +432,123 @@ impl Orchestrator {
             refund: charged.may_have_happened(),
         };
         let mut reason = refusal_reason(&reserved, &charged);
-        let decided = async {
-            let committed = if all_applied {
-                let committed = self.orders.commit(&saga.order_id, saga.id).await?;
-                if !committed {
-                    reason = "the order was changed or reset during checkout".into();
-                }
-                committed
-            } else {
-                self.orders.fence(&saga.order_id, saga.id).await?
-            };
-            self.log_decision(&saga, committed, &steps).await
+        let decided = if all_applied {
+            self.orders.commit(&saga.order_id, saga.id).await
+        } else {
+            self.orders.fence(&saga.order_id, saga.id).await
+        };
+        let committed = match decided {
+            Ok(committed) => committed,
+            Err(e) => {
+                // Undecided, or decided on the master alone (no replica confirmed it):
+                // recovery takes it from here once the lease lapses.
+                tracing::error!(saga = %saga.id, error = %e, "order not decided; left to recovery");
+                let _ = answer.send(Err(e.into()));
+                return;
+            }
+        };
+        if all_applied && !committed {
+            reason = "the order was changed or reset during checkout".into();
         }
-        .await;
-        match decided {
-            Ok(state) => {
-                self.complete(&saga, state, undo, &reason, Some(answer))
-                    .await
+        let state = if committed {
+            SagaState::Committed
+        } else {
+            SagaState::Aborted
+        };
+        let mut answer = Some(answer);
+        // When nothing is left to do after the decision, the log ends the saga in the
+        // decision's own MULTI/EXEC: an abort that took nothing, and a commit, whose settle is
+        // sent first (the order has decided already; if this instance dies before the log,
+        // recovery finds the order paid by this saga and settles again, which replays).
+        let end = match state {
+            SagaState::Committed => {
+                // The order is paid by this saga, on two nodes: that is the answer, given
+                // now. It is the only one any driver can record for this saga (recovery and
+                // operators find the order paid by it), and a repeat of the checkout waits
+                // for the saga's end, which records it under the key.
+                let ok = paid(&saga.order_id);
+                if let Some(tx) = answer.take() {
+                    let _ = tx.send(Ok(ok.clone()));
+                }
+                Some(End {
+                    answer: Some(ok),
+                    reason: "committed".into(),
+                    steps: vec![self.settle(&saga).await],
+                })
+            }
+            _ if !undo.release && !undo.refund => Some(End {
+                answer: Some(refused(&reason)),
+                reason: reason.clone(),
+                steps: Vec::new(),
+            }),
+            _ => None,
+        };
+        let ended = end.as_ref().and_then(|end| end.answer.clone());
+        match self.log_decision(&saga, state, steps.to_vec(), end).await {
+            Ok(Logged::Now) => match ended {
+                Some(ended) => {
+                    count_outcome(state);
+                    if let Some(tx) = answer {
+                        let _ = tx.send(Ok(ended));
+                    }
+                }
+                None => self.complete(&saga, state, undo, &reason, answer).await,
+            },
+            // Recovery or an operator decided first (this instance was slow): that
+            // decision stands, and this run completes it too (replays, first answer stands).
+            Ok(Logged::Before(decided)) => {
+                self.complete(&saga, decided, undo, &reason, answer).await
             }
             Err(e) => {
-                // Undecided, unlogged, or decided on the master alone (no replica
-                // confirmed it): recovery takes it from here once the lease lapses.
-                tracing::error!(saga = %saga.id, error = %e, "decision not recorded; left to recovery");
-                let _ = answer.send(Err(e));
+                // Decided on the order but not logged: recovery finds the order's decision
+                // (a commit was answered already, and recovery records that same answer).
+                tracing::error!(saga = %saga.id, error = %e, "decision not logged; left to recovery");
+                if let Some(tx) = answer {
+                    let _ = tx.send(Err(e.into()));
+                }
             }
         }
     }
 
     /// Logs the order's decision in the saga store (the two always agree:
-    /// whoever decides, decides on the order first).
+    /// whoever decides, decides on the order first), with the forward steps'
+    /// logs, and with the saga's end if nothing is left to do.
     async fn log_decision(
         &self,
         saga: &SagaRecord,
-        committed: bool,
-        steps: &[StepLog],
-    ) -> Result<SagaState, ApiError> {
-        let wanted = if committed {
+        state: SagaState,
+        steps: Vec<StepLog>,
+        end: Option<End>,
+    ) -> Result<Logged, StoreError> {
+        let decision = Decision {
+            state,
+            held_order: true,
+            steps,
+            end,
+        };
+        let logged = self.sagas.decide(saga, decision).await?;
+        if let Logged::Before(other) = logged {
+            if other != state {
+                tracing::error!(saga = %saga.id, ?other, wanted = ?state, "saga log disagrees with the order");
+            }
+        }
+        Ok(logged)
+    }
+
+    /// [`Orchestrator::log_decision`] for recovery and operators, which complete the saga
+    /// whatever the log held: the state that holds now.
+    async fn log_found(&self, saga: &SagaRecord, committed: bool) -> Result<SagaState, ApiError> {
+        let state = if committed {
             SagaState::Committed
         } else {
             SagaState::Aborted
         };
-        let logged = self
-            .sagas
-            .decide_with(saga.id, wanted, Some(&saga.order_id), steps)
-            .await?;
-        if logged != wanted {
-            tracing::error!(saga = %saga.id, ?logged, ?wanted, "saga log disagrees with the order");
-        }
-        Ok(wanted)
+        Ok(
+            match self.log_decision(saga, state, Vec::new(), None).await? {
+                Logged::Now => state,
+                Logged::Before(held) => held,
+            },
+        )
     }
 
     /// Carries out a decision: settle, or compensate; then finish the saga.
@@ -482,7 +571,7 @@ impl Orchestrator {
             SagaState::Committed => {
                 let ok = paid(&saga.order_id);
                 send(Ok(ok.clone()));
-                metrics::counter!("saga_outcomes_total", "outcome" => "committed").increment(1);
+                count_outcome(state);
                 let settled = self.settle(saga).await;
                 let finished = self
                     .sagas
@@ -512,7 +601,7 @@ impl Orchestrator {
                         }
                         Err(e) => send(Err(e.into())),
                     }
-                    metrics::counter!("saga_outcomes_total", "outcome" => "aborted").increment(1);
+                    count_outcome(state);
                 }
                 (Undone::Unconfirmed, steps) => {
                     tracing::warn!(saga = %saga.id, "compensation not confirmed; left to recovery");
@@ -735,7 +824,7 @@ impl Orchestrator {
         let state = match state {
             SagaState::Pending => {
                 let committed = self.orders.fence(&saga.order_id, id).await?;
-                self.log_decision(&saga, committed, &[]).await?
+                self.log_found(&saga, committed).await?
             }
             decided => decided,
         };
@@ -805,7 +894,7 @@ impl Orchestrator {
         let state = match state {
             SagaState::Pending => {
                 let committed = self.orders.fence(&saga.order_id, id).await?;
-                self.log_decision(&saga, committed, &[]).await?
+                self.log_found(&saga, committed).await?
             }
             decided => decided,
         };
@@ -858,6 +947,14 @@ impl Orchestrator {
             }
         }
     }
+}
+
+fn count_outcome(state: SagaState) {
+    let outcome = match state {
+        SagaState::Committed => "committed",
+        _ => "aborted",
+    };
+    metrics::counter!("saga_outcomes_total", "outcome" => outcome).increment(1);
 }
 
 fn still_running() -> ApiError {

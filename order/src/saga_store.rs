@@ -22,8 +22,10 @@
 //!   then its final answer, for the key's lifetime.
 //!
 //! Step outcomes cost no round trip of their own: the forward steps are
-//! written in the decision's MULTI/EXEC, compensations and the settle in the
-//! finish's (or the attention's). They are diagnostics: the one written
+//! written in the decision's MULTI/EXEC, compensations in the finish's (or the
+//! attention's). A decision with nothing left to do after it (a commit whose
+//! settle was sent, an abort that took nothing) carries the end itself, settle
+//! included: one MULTI/EXEC instead of two. They are diagnostics: the one written
 //! without a replica's confirmation (a compensation left to recovery) may be
 //! lost in a failover, and a step of a driver whose decision or finish came
 //! second (a slow owner after recovery or an operator) is not recorded.
@@ -375,10 +377,92 @@ fn begin_writes(saga: &SagaRecord, owner: &str, lease: Duration) -> redis::Pipel
     writes
 }
 
+/// What [`SagaStore::decide`] writes.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub state: SagaState,
+    /// The saga held its order (froze it): the order's pointer names it from now on.
+    pub held_order: bool,
+    /// The forward steps' logs.
+    pub steps: Vec<StepLog>,
+    /// Nothing is left to do after the decision (an abort that took nothing, a commit whose
+    /// settle was sent first, an abandoned saga): it ends in the same MULTI/EXEC.
+    pub end: Option<End>,
+}
+
+/// How a saga ends: the checkout's answer (none for a saga abandoned before it sent
+/// anything, and for recovery's refusals, which nobody waits for), why, and the steps run
+/// after the decision (compensations, the settle).
+#[derive(Debug, Clone)]
+pub struct End {
+    pub answer: Option<Answer>,
+    pub reason: String,
+    pub steps: Vec<StepLog>,
+}
+
+/// What [`SagaStore::decide`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logged {
+    /// This call decided (and ended the saga, if the decision carried its end).
+    Now,
+    /// Another driver decided first, this; nothing was written.
+    Before(SagaState),
+}
+
+/// The writes of a decision on a PENDING saga: one HSET of the record's new fields, the
+/// order's pointer, and with an end everything [`SagaStore::finish_with`] writes for a
+/// first end (the record's lifetime starts now, and the pointer's with it).
+fn decision_writes(
+    saga: &SagaRecord,
+    decision: &Decision,
+    pointer: Option<&str>,
+) -> redis::Pipeline {
+    let key = saga_key(saga.id);
+    let now = common::now_ms().to_string();
+    let mut writes = redis::pipe();
+    let mut fields = vec![
+        ("state".to_string(), decision.state.as_str().to_string()),
+        ("decided_ms".to_string(), now.clone()),
+    ];
+    fields.extend(step_fields(&decision.steps));
+    let Some(end) = &decision.end else {
+        write_fields(&mut writes, &key, fields);
+        if let Some(pointer) = pointer {
+            writes
+                .set_ex(pointer, saga.id.to_string(), POINTER_SECS)
+                .ignore();
+        }
+        return writes;
+    };
+    fields.push(("finished_ms".to_string(), now));
+    fields.push(("reason".to_string(), end.reason.clone()));
+    fields.extend(step_fields(&end.steps));
+    if let Some(answer) = &end.answer {
+        fields.push(("answer".to_string(), answer.encode()));
+        if let Some((idem_key, ttl)) = &saga.idem {
+            writes.set_ex(idem_key, answer.encode(), *ttl).ignore();
+        }
+    }
+    write_fields(&mut writes, &key, fields);
+    if let Some(pointer) = pointer {
+        writes
+            .set_ex(pointer, saga.id.to_string(), RETENTION_SECS as u64)
+            .ignore();
+    }
+    writes
+        .srem(ACTIVE, saga.id.to_string())
+        .ignore()
+        .del(lease_key(saga.id))
+        .ignore()
+        .expire(&key, RETENTION_SECS)
+        .ignore();
+    writes
+}
+
 #[derive(Clone)]
 pub struct SagaStore {
     store: Arc<Store>,
-    /// Begins, decisions and ends go through it: see `begin`, `decide_with`, `finish_with`.
+    /// Begins, decisions and ends go through it: see `begin`, `decide`, `finish_with`.
     planned: Arc<Planned>,
 }
 
@@ -611,29 +695,28 @@ impl SagaStore {
             .await
     }
 
-    /// The compare-and-set: moves PENDING to `decision`; returns the state that holds now.
-    pub async fn decide(&self, id: SagaId, decision: SagaState) -> Result<SagaState, StoreError> {
-        self.decide_with(id, decision, None, &[]).await
-    }
-
-    /// [`SagaStore::decide`] for a saga that held `order`: the same MULTI/EXEC points the
-    /// order at this saga (its latest decided checkout) and records the forward steps.
-    pub async fn decide_with(
+    /// The compare-and-set: moves PENDING to `decision.state`, with what `decision` carries
+    /// (the forward steps' logs, the order's pointer, and the end when nothing is left to do)
+    /// in the same MULTI/EXEC. A plan: concurrent sagas' decisions share their round trips and
+    /// WAIT.
+    pub async fn decide(
         &self,
-        id: SagaId,
-        decision: SagaState,
-        order: Option<&OrderId>,
-        steps: &[StepLog],
-    ) -> Result<SagaState, StoreError> {
-        let key = saga_key(id);
-        let pointer = order.map(pointer_key);
-        let steps = steps.to_vec();
+        saga: &SagaRecord,
+        decision: Decision,
+    ) -> Result<Logged, StoreError> {
+        let key = saga_key(saga.id);
+        let pointer = decision.held_order.then(|| pointer_key(&saga.order_id));
+        let mut also_touches: Vec<String> = pointer.iter().cloned().collect();
+        if decision.end.is_some() {
+            also_touches.push(lease_key(saga.id));
+            also_touches.extend(saga.idem.iter().map(|(idem_key, _)| idem_key.clone()));
+        }
         let mut reads = redis::pipe();
         reads.hget(&key, "state");
-        // A plan: concurrent sagas' decisions share their round trips and WAIT.
+        let saga = saga.clone();
         let plan = Plan {
             watch: vec![key.clone()],
-            also_touches: pointer.iter().cloned().collect(),
+            also_touches,
             reads,
             decide: Box::new(move |replies| {
                 let current: Option<String> = next_reply(&mut replies.into_iter(), &key)?;
@@ -642,22 +725,11 @@ impl SagaStore {
                 };
                 match SagaState::parse(&text) {
                     None => Err(StoreError::corrupt(key.as_str(), "bad state")),
-                    Some(SagaState::Pending) => {
-                        let mut writes = redis::pipe();
-                        let mut fields = vec![
-                            ("state".to_string(), decision.as_str().to_string()),
-                            ("decided_ms".to_string(), common::now_ms().to_string()),
-                        ];
-                        fields.extend(step_fields(&steps));
-                        write_fields(&mut writes, &key, fields);
-                        if let Some(pointer) = &pointer {
-                            writes
-                                .set_ex(pointer, id.to_string(), POINTER_SECS)
-                                .ignore();
-                        }
-                        Ok(Tx::Commit(writes, decision))
-                    }
-                    Some(decided) => Ok(Tx::Abort(decided)),
+                    Some(SagaState::Pending) => Ok(Tx::Commit(
+                        decision_writes(&saga, &decision, pointer.as_deref()),
+                        Logged::Now,
+                    )),
+                    Some(decided) => Ok(Tx::Abort(Logged::Before(decided))),
                 }
             }),
         };

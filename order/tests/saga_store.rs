@@ -7,7 +7,10 @@ use common::error::ApiError;
 use common::idempotency::Answer;
 use common::messages::Line;
 use common::types::{Amount, ItemId, OrderId, SagaId, UserId};
-use order::saga_store::{Begin, SagaRecord, SagaStore};
+use order::saga_store::{
+    Begin, Decision, End, Logged, Progress, SagaRecord, SagaState, SagaStore, RETENTION_SECS,
+};
+use xtask::resp::Reply;
 use xtask::{free_port, FaultProxy, RedisServer, ScratchDir};
 
 mod support;
@@ -130,4 +133,88 @@ async fn a_repeat_joins_its_saga_that_needs_attention() {
         .await
         .unwrap();
     assert!(matches!(begun, Begin::Started));
+}
+
+/// A decision that carries its end (nothing left to do: a commit whose settle was sent, an
+/// abort that took nothing) ends the saga in the same MULTI/EXEC, exactly as a finish
+/// would: the answer under the checkout's key and in the record, no longer active, no lease,
+/// the record and the order's pointer living [`RETENTION_SECS`]. A second driver's decision
+/// finds it decided and writes nothing; its finish hears the first answer.
+#[tokio::test]
+async fn a_decision_with_its_end_finishes_the_saga_in_one_write() {
+    let dir = ScratchDir::new("saga-store-test").unwrap();
+    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let sagas = SagaStore::new(direct_store(&redis.url()));
+    let idem_key = "idem:/checkout/o-1:decided-and-ended";
+    let saga = record(idem_key);
+    let begun = sagas
+        .begin(&saga, "instance-a", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(matches!(begun, Begin::Started));
+
+    let paid = Answer {
+        status: 200,
+        body: serde_json::json!({"paid": true}),
+    };
+    let decision = |answer: &Answer, reason: &str| Decision {
+        state: SagaState::Committed,
+        held_order: true,
+        steps: Vec::new(),
+        end: Some(End {
+            answer: Some(answer.clone()),
+            reason: reason.into(),
+            steps: Vec::new(),
+        }),
+    };
+    let logged = sagas
+        .decide(&saga, decision(&paid, "committed"))
+        .await
+        .unwrap();
+    assert_eq!(logged, Logged::Now);
+
+    let text = |args: &[&str]| redis.command(args).unwrap().as_text();
+    let int = |args: &[&str]| match redis.command(args).unwrap() {
+        Reply::Int(n) => n,
+        other => panic!("{args:?}: not an integer: {other:?}"),
+    };
+    let key = format!("saga:{}", saga.id);
+    assert_eq!(text(&["GET", idem_key]), Some(paid.encode()));
+    assert_eq!(text(&["HGET", &key, "answer"]), Some(paid.encode()));
+    assert_eq!(text(&["HGET", &key, "state"]).as_deref(), Some("COMMITTED"));
+    assert!(text(&["HGET", &key, "finished_ms"]).is_some());
+    assert_eq!(int(&["SISMEMBER", "sagas:active", &saga.id.to_string()]), 0);
+    assert_eq!(int(&["EXISTS", &format!("lease:{}", saga.id)]), 0);
+    for lived in [key.clone(), "ordersaga:o-1".to_string()] {
+        let ttl = int(&["TTL", &lived]);
+        assert!(
+            0 < ttl && ttl <= RETENTION_SECS,
+            "{lived} lives {ttl} s, not the record's {RETENTION_SECS} s"
+        );
+    }
+    assert!(matches!(
+        sagas.progress(saga.id).await.unwrap(),
+        Progress::Finished(Some(ref answer)) if *answer == paid
+    ));
+
+    // A slow second driver: its decision finds the first, its finish hears the first answer.
+    let other = Answer {
+        status: 200,
+        body: serde_json::json!({"paid": "again"}),
+    };
+    let logged = sagas
+        .decide(&saga, decision(&other, "recovered"))
+        .await
+        .unwrap();
+    assert_eq!(logged, Logged::Before(SagaState::Committed));
+    let stood = sagas
+        .finish(&saga, Some(&other), "recovered")
+        .await
+        .unwrap();
+    assert_eq!(stood, Some(paid.clone()));
+    assert_eq!(text(&["GET", idem_key]), Some(paid.encode()));
+    assert_eq!(
+        text(&["HGET", &key, "reason"]).as_deref(),
+        Some("committed")
+    );
 }
