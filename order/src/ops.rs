@@ -11,8 +11,9 @@
 //!     [`Orchestrator::abort`]; the answer is the saga as it stands afterwards.
 //!
 //! Which saga is "the latest checkout" of an order: the one holding it (its `checkout`: a
-//! saga not decided yet), else the latest that reached a decision (`ordersaga:<order>` in the
-//! saga store, kept as long as that saga's record), else the one that paid it (`paid_by`).
+//! saga not decided yet), else the one that paid it (`paid_by`: `committed` as soon as the
+//! order is paid, though the saga store logs it a moment later), else the latest that reached
+//! a decision (`ordersaga:<order>` in the saga store, kept as long as that saga's record).
 //! Once a saga's record has expired (10 minutes after it ended), a paid order still answers
 //! with its saga id and `committed` (`retained: false`, no steps); an unpaid one answers 404,
 //! like an order never checked out.
@@ -40,22 +41,32 @@ type Result<T> = std::result::Result<T, ApiError>;
 pub async fn order_saga(orchestrator: &Orchestrator, order_id: &OrderId) -> Result<SagaView> {
     let order = orchestrator.orders.find(order_id).await?;
     let sagas = orchestrator.sagas();
-    let latest = match order.checkout {
-        Some(holding) => Some(holding),
-        None => sagas.latest_of_order(order_id).await?,
-    };
-    for candidate in latest.into_iter().chain(order.paid_by) {
-        if let Some(view) = sagas.view(candidate).await? {
-            return Ok(view);
+    let latest = match (order.checkout, order.paid_by) {
+        (Some(holding), _) => holding,
+        // A paid order's last checkout is the one that paid it: the saga store logs
+        // the commit only after the 200 and the settle, so its pointer may lag.
+        (None, Some(paid_by)) => {
+            return match sagas.view(paid_by).await? {
+                Some(view) => Ok(view.paid_the_order()),
+                None => Ok(SagaView::expired_commit(order_id, paid_by)),
+            };
         }
+        (None, None) => match sagas.latest_of_order(order_id).await? {
+            Some(decided) => decided,
+            None => return Err(never_checked_out(order_id)),
+        },
+    };
+    match sagas.view(latest).await? {
+        Some(view) => Ok(view),
+        None => Err(never_checked_out(order_id)),
     }
-    match order.paid_by {
-        Some(paid_by) => Ok(SagaView::expired_commit(order_id, paid_by)),
-        None => Err(ApiError::NotFound(format!(
-            "order {order_id} has no checkout on record (never checked out, or its last \
-             checkout ended more than 10 minutes ago)"
-        ))),
-    }
+}
+
+fn never_checked_out(order_id: &OrderId) -> ApiError {
+    ApiError::NotFound(format!(
+        "order {order_id} has no checkout on record (never checked out, or its last \
+         checkout ended more than 10 minutes ago)"
+    ))
 }
 
 /// The operator routes (see the module's documentation).

@@ -118,6 +118,34 @@ fn fence_key(saga: SagaId) -> String {
 
 const FENCE_TTL_SECS: u64 = 3600;
 
+/// The mark a commit leaves beside the order it paid: the checkout's decision, kept where
+/// `batch_init` does not reach. A commit answers 200 and settles before the saga store logs
+/// it; should `batch_init` overwrite the order meanwhile and the owner die, recovery's fence
+/// still finds the saga committed (and a retried commit finds its own). Kept as long as a
+/// finished saga's record: far longer than a saga takes from its commit to its log.
+fn paid_key(saga: SagaId) -> String {
+    format!("paid:{saga}")
+}
+
+const PAID_TTL_SECS: u64 = 600;
+
+/// What the order store holds about a saga besides the order: its fence mark and its paid
+/// mark, read (and watched) with the order by every change.
+#[derive(Debug, Clone, Copy)]
+struct Marks {
+    /// Fenced before it ever held the order.
+    fenced: bool,
+    /// Committed (it paid the order, whatever the order says now).
+    paid: bool,
+}
+
+/// A mark a change leaves for its saga.
+#[derive(Debug, Clone, Copy)]
+enum Leave {
+    Fence,
+    Paid,
+}
+
 fn encode(order: &Order) -> String {
     serde_json::to_string(order).expect("orders always serialize")
 }
@@ -249,30 +277,29 @@ impl Orders {
     }
 
     /// The one transaction every change of an order runs in. `change` sees
-    /// the order and, when `fence_of` names a saga, whether that saga was
-    /// fenced before it ever held the order (its fence mark, `fence:<saga>`,
-    /// is watched with the order). It returns the order to write (if any),
-    /// whether to leave that saga's fence mark, and the result. When the
-    /// order is written, the event `announce` names (built from the order
-    /// written) goes to the outbox in the same transaction; a change that
-    /// writes no order (a repeat finding its decision made) announces nothing.
+    /// the order and `saga`'s marks (`fence:<saga>`: fenced before it ever
+    /// held the order; `paid:<saga>`: it committed), watched with the order.
+    /// It returns the order to write (if any), the mark to leave, and the
+    /// result. When the order is written, the event `announce` names (built
+    /// from the order written) goes to the outbox in the same transaction; a
+    /// change that writes no order (a repeat finding its decision made)
+    /// announces nothing.
     async fn change<T: Send + 'static>(
         &self,
         id: &OrderId,
-        fence_of: Option<SagaId>,
-        announce: Option<(EventType, SagaId)>,
-        change: impl Fn(Option<Order>, bool) -> (Option<Order>, bool, T) + Send + Sync + 'static,
+        saga: SagaId,
+        announce: Option<EventType>,
+        change: impl Fn(Option<Order>, Marks) -> (Option<Order>, Option<Leave>, T)
+            + Send
+            + Sync
+            + 'static,
     ) -> Result<T, StoreError> {
         let key = key(id);
         let _guard = self.locks.lock([key.as_str()]).await;
-        let mark = fence_of.map(fence_key);
+        let (fence_mark, paid_mark) = (fence_key(saga), paid_key(saga));
         let mut reads = redis::pipe();
-        reads.get(&key);
-        if let Some(mark) = &mark {
-            reads.exists(mark);
-        }
-        let mut watch = vec![key.clone()];
-        watch.extend(mark.clone());
+        reads.get(&key).exists(&fence_mark).exists(&paid_mark);
+        let watch = vec![key.clone(), fence_mark.clone(), paid_mark.clone()];
         let id = id.clone();
         // A plan: concurrent checkouts' changes share their round trips and WAIT.
         let plan = Plan {
@@ -283,23 +310,25 @@ impl Orders {
                 let mut replies = replies.into_iter();
                 let raw: Option<String> = next_reply(&mut replies, &key)?;
                 let order = decode(&key, raw)?;
-                let fenced = match &mark {
-                    Some(mark) => next_reply(&mut replies, mark)?,
-                    None => false,
+                let marks = Marks {
+                    fenced: next_reply(&mut replies, &fence_mark)?,
+                    paid: next_reply(&mut replies, &paid_mark)?,
                 };
-                let (new, leave_mark, value) = change(order, fenced);
+                let (new, leave, value) = change(order, marks);
                 let mut writes = redis::pipe();
                 if let Some(new) = &new {
                     writes.set(&key, encode(new)).ignore();
-                    if let Some((event_type, saga)) = announce {
+                    if let Some(event_type) = announce {
                         Event::new(event_type, &id, saga, &new.user_id, new.total_cost)
                             .append_to(&mut writes);
                     }
                 }
-                if let (true, Some(mark)) = (leave_mark, &mark) {
-                    writes.set_ex(mark, 1, FENCE_TTL_SECS).ignore();
-                }
-                Ok(if new.is_none() && !leave_mark {
+                match leave {
+                    Some(Leave::Fence) => writes.set_ex(&fence_mark, 1, FENCE_TTL_SECS).ignore(),
+                    Some(Leave::Paid) => writes.set_ex(&paid_mark, 1, PAID_TTL_SECS).ignore(),
+                    None => &mut writes,
+                };
+                Ok(if new.is_none() && leave.is_none() {
                     Tx::Abort(value)
                 } else {
                     Tx::Commit(writes, value)
@@ -382,69 +411,78 @@ impl Orders {
         saga: SagaId,
         stale: Option<SagaId>,
     ) -> Result<Freeze, StoreError> {
-        self.change(id, Some(saga), None, move |order, fenced| match order {
-            None => (None, false, Freeze::NotFound),
-            Some(order) if order.paid => (None, false, Freeze::Paid),
+        self.change(id, saga, None, move |order, marks| match order {
+            None => (None, None, Freeze::NotFound),
+            Some(order) if order.paid => (None, None, Freeze::Paid),
             // A retry after a lost EXEC reply (or an unconfirmed one) finds its own hold.
-            Some(order) if order.checkout == Some(saga) => (None, false, Freeze::Frozen(order)),
-            _ if fenced => (None, false, Freeze::Fenced),
+            Some(order) if order.checkout == Some(saga) => (None, None, Freeze::Frozen(order)),
+            _ if marks.fenced => (None, None, Freeze::Fenced),
             Some(Order {
                 checkout: Some(other),
                 ..
-            }) if Some(other) != stale => (None, false, Freeze::Held(other)),
+            }) if Some(other) != stale => (None, None, Freeze::Held(other)),
             Some(order) => {
                 let frozen = Order {
                     checkout: Some(saga),
                     ..order
                 };
-                (Some(frozen.clone()), false, Freeze::Frozen(frozen))
+                (Some(frozen.clone()), None, Freeze::Frozen(frozen))
             }
         })
         .await
     }
 
     /// The commit point of a checkout: marks the order paid by `saga` if
-    /// `saga` still holds it. True when the order is paid by `saga` now
-    /// (also on a repeat). Announces `order.paid` with the change.
+    /// `saga` still holds it, and leaves `saga`'s paid mark. True when `saga`
+    /// has committed (also on a repeat, even once `batch_init` overwrote the
+    /// order). Announces `order.paid` with the change.
     pub async fn commit(&self, id: &OrderId, saga: SagaId) -> Result<bool, StoreError> {
-        let announce = Some((EventType::Paid, saga));
-        self.change(id, None, announce, move |order, _| match order {
-            Some(o) if o.paid_by == Some(saga) => (None, false, true),
-            Some(o) if o.checkout == Some(saga) => (
-                Some(Order {
-                    paid: true,
-                    paid_by: Some(saga),
-                    checkout: None,
-                    ..o
-                }),
-                false,
-                true,
-            ),
-            _ => (None, false, false),
-        })
+        self.change(
+            id,
+            saga,
+            Some(EventType::Paid),
+            move |order, marks| match order {
+                _ if marks.paid => (None, None, true),
+                Some(o) if o.paid_by == Some(saga) => (None, None, true),
+                Some(o) if o.checkout == Some(saga) => (
+                    Some(Order {
+                        paid: true,
+                        paid_by: Some(saga),
+                        checkout: None,
+                        ..o
+                    }),
+                    Some(Leave::Paid),
+                    true,
+                ),
+                _ => (None, None, false),
+            },
+        )
         .await
     }
 
     /// The abort point: takes `saga`'s hold off the order, so it can never
     /// commit; announces `order.checkout_failed` with the change. True if it
-    /// had committed already (then nothing changes). A saga that does not
+    /// had committed already (then nothing changes): its paid mark says so
+    /// even once `batch_init` overwrote the order. A saga that does not
     /// hold the order (it may be about to freeze it: recovery or an operator
     /// can abort a saga whose owner is slow) gets a fence mark instead, which
     /// its freeze then finds: fenced means fenced, whatever the order.
     pub async fn fence(&self, id: &OrderId, saga: SagaId) -> Result<bool, StoreError> {
-        let announce = Some((EventType::CheckoutFailed, saga));
-        self.change(id, Some(saga), announce, move |order, fenced| match order {
-            Some(o) if o.paid_by == Some(saga) => (None, false, true),
+        let announce = Some(EventType::CheckoutFailed);
+        self.change(id, saga, announce, move |order, marks| match order {
+            _ if marks.paid => (None, None, true),
+            Some(o) if o.paid_by == Some(saga) => (None, None, true),
             Some(o) if o.checkout == Some(saga) => (
                 Some(Order {
                     checkout: None,
                     ..o
                 }),
-                false,
+                None,
                 false,
             ),
             // Marked once; a repeat writes nothing.
-            _ => (None, !fenced, false),
+            _ if marks.fenced => (None, None, false),
+            _ => (None, Some(Leave::Fence), false),
         })
         .await
     }

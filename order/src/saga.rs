@@ -470,10 +470,13 @@ impl Orchestrator {
                 if let Some(tx) = answer.take() {
                     let _ = tx.send(Ok(ok.clone()));
                 }
-                Some(End {
+                let settled = self.settle(&saga).await;
+                // A settle that could not be sent is not the end: `complete` sends it
+                // again (and recovery would), then finishes the saga.
+                settled.was_sent().then(|| End {
                     answer: Some(ok),
                     reason: "committed".into(),
-                    steps: vec![self.settle(&saga).await],
+                    steps: vec![settled],
                 })
             }
             _ if !undo.release && !undo.refund => Some(End {

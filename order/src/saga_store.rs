@@ -22,10 +22,11 @@
 //!   then its final answer, for the key's lifetime.
 //!
 //! Step outcomes cost no round trip of their own: the forward steps are
-//! written in the decision's MULTI/EXEC, compensations in the finish's (or the
-//! attention's). A decision with nothing left to do after it (a commit whose
-//! settle was sent, an abort that took nothing) carries the end itself, settle
-//! included: one MULTI/EXEC instead of two. They are diagnostics: the one written
+//! written in the decision's MULTI/EXEC, compensations and the settles of
+//! recovery in the finish's (or the attention's). A decision with nothing left
+//! to do after it (a commit whose settle was sent, an abort that took
+//! nothing) carries the end itself, settle included: one MULTI/EXEC instead
+//! of two. They are diagnostics: the one written
 //! without a replica's confirmation (a compensation left to recovery) may be
 //! lost in a failover, and a step of a driver whose decision or finish came
 //! second (a slow owner after recovery or an operator) is not recorded.
@@ -127,6 +128,11 @@ impl StepLog {
     fn field(&self) -> String {
         format!("step:{}", self.step)
     }
+
+    /// A settle that reached the broker (its outcome is `sent`).
+    pub fn was_sent(&self) -> bool {
+        self.outcome == "sent"
+    }
 }
 
 /// Adds the step fields to `writes`.
@@ -216,6 +222,16 @@ impl SagaView {
             steps: Vec::new(),
             retained: false,
         }
+    }
+
+    /// This saga as the one that paid its order: committed, whatever its record says yet
+    /// (the order decides; the log follows a moment later, after the settle).
+    pub fn paid_the_order(self) -> Self {
+        let state = match self.state {
+            ViewState::Pending => ViewState::Committed,
+            other => other,
+        };
+        SagaView { state, ..self }
     }
 
     fn from_fields(
@@ -391,8 +407,7 @@ pub struct Decision {
 }
 
 /// How a saga ends: the checkout's answer (none for a saga abandoned before it sent
-/// anything, and for recovery's refusals, which nobody waits for), why, and the steps run
-/// after the decision (compensations, the settle).
+/// anything), why, and the steps run after the decision (the settle).
 #[derive(Debug, Clone)]
 pub struct End {
     pub answer: Option<Answer>,

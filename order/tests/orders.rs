@@ -1,7 +1,7 @@
 //! The order's compare-and-sets against a real redis-server, through the
 //! fault proxy: what must hold when a transaction ran and its reply was lost.
 
-use common::types::SagaId;
+use common::types::{Amount, OrderId, SagaId};
 use order::orders::{Freeze, Orders};
 use xtask::{free_port, FaultProxy, RedisServer, ScratchDir};
 
@@ -60,4 +60,56 @@ async fn a_saga_fenced_before_it_froze_the_order_never_freezes_it() {
     assert!(orders.commit(&id, next).await.unwrap());
     let order = orders.find(&id).await.unwrap();
     assert_eq!(order.paid_by, Some(next));
+}
+
+/// A commit is answered 200 and settled before the saga store logs it. Should `batch_init`
+/// overwrite the order in between (and the owner die), recovery's fence must still find the
+/// saga committed, or it would abort a checkout that was answered 200 and whose settle may
+/// have landed; a retried commit (its EXEC reply lost) must find its own commit too. The
+/// commit's paid mark says so; a saga that never committed still fences.
+#[tokio::test]
+async fn a_commit_stands_after_batch_init_overwrote_its_order() {
+    let dir = ScratchDir::new("orders-test").unwrap();
+    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let orders = Orders::new(direct_store(&redis.url()));
+    let amount = |n| Amount::new(n).unwrap();
+    orders.batch_init(2, 1, 1, amount(1)).await.unwrap();
+    let id = OrderId::parse("0").unwrap();
+    let saga = SagaId::new();
+    assert!(matches!(
+        orders.freeze(&id, saga, None).await.unwrap(),
+        Freeze::Frozen(_)
+    ));
+    assert!(orders.commit(&id, saga).await.unwrap());
+
+    orders.batch_init(2, 1, 1, amount(1)).await.unwrap();
+    let reset = orders.find(&id).await.unwrap();
+    assert!(!reset.paid && reset.paid_by.is_none() && reset.checkout.is_none());
+    assert!(
+        orders.fence(&id, saga).await.unwrap(),
+        "recovery's fence aborted a committed saga"
+    );
+    assert!(
+        orders.commit(&id, saga).await.unwrap(),
+        "a retried commit did not find its own"
+    );
+    let ttl = redis.command(&["TTL", &format!("paid:{saga}")]).unwrap();
+    assert!(
+        matches!(ttl, xtask::resp::Reply::Int(t) if t > 0),
+        "the paid mark has no lifetime: {ttl:?}"
+    );
+    assert_eq!(
+        orders.find(&id).await.unwrap(),
+        reset,
+        "neither changed the order"
+    );
+
+    // Another saga that never committed is fenced as ever.
+    let other = SagaId::new();
+    assert!(matches!(
+        orders.freeze(&id, other, None).await.unwrap(),
+        Freeze::Frozen(_)
+    ));
+    assert!(!orders.fence(&id, other).await.unwrap());
+    assert_eq!(orders.find(&id).await.unwrap().checkout, None);
 }

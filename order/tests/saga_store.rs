@@ -146,7 +146,11 @@ async fn a_decision_with_its_end_finishes_the_saga_in_one_write() {
     let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
     let sagas = SagaStore::new(direct_store(&redis.url()));
     let idem_key = "idem:/checkout/o-1:decided-and-ended";
-    let saga = record(idem_key);
+    // A client's own key: it outlives the record (24 h).
+    let saga = SagaRecord {
+        idem: Some((idem_key.to_string(), 86_400)),
+        ..record(idem_key)
+    };
     let begun = sagas
         .begin(&saga, "instance-a", Duration::from_secs(5))
         .await
@@ -183,6 +187,13 @@ async fn a_decision_with_its_end_finishes_the_saga_in_one_write() {
     assert_eq!(text(&["HGET", &key, "answer"]), Some(paid.encode()));
     assert_eq!(text(&["HGET", &key, "state"]).as_deref(), Some("COMMITTED"));
     assert!(text(&["HGET", &key, "finished_ms"]).is_some());
+    let decided_ms = text(&["HGET", &key, "decided_ms"]);
+    assert!(decided_ms.is_some());
+    assert_eq!(text(&["GET", "ordersaga:o-1"]), Some(saga.id.to_string()));
+    assert!(
+        int(&["TTL", idem_key]) > RETENTION_SECS,
+        "the key's answer lives as long as the key, not as the record"
+    );
     assert_eq!(int(&["SISMEMBER", "sagas:active", &saga.id.to_string()]), 0);
     assert_eq!(int(&["EXISTS", &format!("lease:{}", saga.id)]), 0);
     for lived in [key.clone(), "ordersaga:o-1".to_string()] {
@@ -207,6 +218,11 @@ async fn a_decision_with_its_end_finishes_the_saga_in_one_write() {
         .await
         .unwrap();
     assert_eq!(logged, Logged::Before(SagaState::Committed));
+    assert_eq!(
+        text(&["HGET", &key, "decided_ms"]),
+        decided_ms,
+        "a second decision wrote"
+    );
     let stood = sagas
         .finish(&saga, Some(&other), "recovered")
         .await
