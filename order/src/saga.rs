@@ -638,11 +638,14 @@ impl Orchestrator {
             expires_at_ms: None,
         };
         let budget = self.routing.step_timeout;
+        // Sent as if it had a reply (participants answer no settle): it then shares a lane,
+        // and so a message, with the reserves and charges going to the same queue.
+        let lane = Some(self.routing.reply_queue.as_str());
         let (stock, payment) = tokio::join!(
             self.outgoing
-                .publish(&self.routing.stock_queue, None, &settle, budget),
+                .publish(&self.routing.stock_queue, lane, &settle, budget),
             self.outgoing
-                .publish(&self.routing.payment_queue, None, &settle, budget)
+                .publish(&self.routing.payment_queue, lane, &settle, budget)
         );
         let sent = stock.is_ok() && payment.is_ok();
         if !sent {
