@@ -24,7 +24,8 @@ checkout's freeze, lifted before it answers); any other key whole. Left out on p
 `idem:*` (a refusal decided from the stored state is recorded so a repeat gets the same
 answer: the contract), `itemsaga:*` / `usersaga:*` (per-saga step records and tombstones),
 `outbox:*` (a refused checkout's `order.checkout_failed` event, written with its decision and
-relayed to the broker) and `durability:mark`. The saga store is not watched (a refused checkout logs its saga).
+relayed to the broker), `fence:*` / `paid:*` (a checkout's marks beside its order, which
+expire on their own, whatever request is running then) and `durability:mark`. The saga store is not watched (a refused checkout logs its saga).
 
 Also `before_call`: a `batch_init` size between `BATCH_CAP` and the documented maximum
 (10 000 000) is brought below `BATCH_CAP`, so the run writes thousands of keys, not
@@ -50,7 +51,17 @@ import schemathesis
 MAX_BATCH = 10_000_000
 BATCH_CAP = int(os.environ.get("BATCH_CAP", "50"))
 
-IGNORED_PREFIXES = ("idem:", "itemsaga:", "usersaga:", "outbox:", "durability:mark")
+IGNORED_PREFIXES = (
+    "idem:",
+    "itemsaga:",
+    "usersaga:",
+    "outbox:",
+    "durability:mark",
+    # A checkout's marks beside the order (fenced, paid): written only by checkouts that
+    # went through, but they expire whenever their time is up, also during a refused request.
+    "fence:",
+    "paid:",
+)
 IGNORED_HASH_FIELDS = {"held"}
 IGNORED_ORDER_FIELDS = {"checkout"}
 # Counter families whose batch_init is a rule (key prefix -> rules key, count field, others).

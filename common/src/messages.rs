@@ -77,7 +77,8 @@ pub enum Action {
     Refund { user_id: UserId, amount: Amount },
     /// Either participant: the saga committed, so what it took will never be
     /// given back. Frees the reserve kept for a give-back and the per-saga
-    /// record. Sent without `reply_to`: nobody waits for it.
+    /// record. Nobody waits for it, and participants answer none; it names the
+    /// instance's reply queue all the same, so it travels with the commands.
     Settle,
 }
 

@@ -199,8 +199,8 @@ async fn checkout(
 
 #[utoipa::path(get, path = "/saga/{order_id}", tag = "order",
     summary = "For operators: the latest checkout of the order (its saga), with each step",
-    description = "The saga holding the order, else its latest decided checkout, else the one \
-        that paid it. A saga's record is kept 10 minutes after it ended (30 days if it needs \
+    description = "The saga holding the order, else the one that paid it (`committed` from \
+        its 200 on), else its latest decided checkout. A saga's record is kept 10 minutes after it ended (30 days if it needs \
         attention); after that a paid order still answers with its saga id and `committed` \
         (`retained: false`, no steps), an unpaid one answers 404.",
     params(("order_id" = IdParam, Path)),

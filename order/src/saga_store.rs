@@ -15,8 +15,9 @@
 //!   automatically (a compensation was dead-lettered, or recovery gave up); an
 //!   operator's (`cargo xtask sagas`, which sorts them by their records' times).
 //! - `ordersaga:<order>` → the latest saga of the order that reached a
-//!   decision (`GET /saga/{order_id}`; a saga still undecided is the order's
-//!   own `checkout`). Written with the decision, [`POINTER_SECS`]; from the
+//!   decision (`GET /saga/{order_id}` for an unpaid order; a saga still
+//!   undecided is the order's own `checkout`, and a paid order's is its
+//!   `paid_by`). Written with the decision, [`POINTER_SECS`]; from the
 //!   end of that saga on it lives exactly as long as the saga's record.
 //! - `idem:/checkout/<order>:<key>` → `saga:<id>` while the checkout runs,
 //!   then its final answer, for the key's lifetime.
