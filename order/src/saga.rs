@@ -450,11 +450,7 @@ impl Orchestrator {
         if all_applied && !committed {
             reason = "the order was changed or reset during checkout".into();
         }
-        let state = if committed {
-            SagaState::Committed
-        } else {
-            SagaState::Aborted
-        };
+        let state = SagaState::decided(committed);
         let mut answer = Some(answer);
         // When nothing is left to do after the decision, the log ends the saga in the
         // decision's own MULTI/EXEC: an abort that took nothing, and a commit, whose settle is
@@ -487,7 +483,7 @@ impl Orchestrator {
             _ => None,
         };
         let ended = end.as_ref().and_then(|end| end.answer.clone());
-        match self.log_decision(&saga, state, steps.to_vec(), end).await {
+        match self.log_decision(&saga, state, steps.into(), end).await {
             Ok(Logged::Now) => match ended {
                 Some(ended) => {
                     count_outcome(state);
@@ -541,11 +537,7 @@ impl Orchestrator {
     /// [`Orchestrator::log_decision`] for recovery and operators, which complete the saga
     /// whatever the log held: the state that holds now.
     async fn log_found(&self, saga: &SagaRecord, committed: bool) -> Result<SagaState, ApiError> {
-        let state = if committed {
-            SagaState::Committed
-        } else {
-            SagaState::Aborted
-        };
+        let state = SagaState::decided(committed);
         Ok(
             match self.log_decision(saga, state, Vec::new(), None).await? {
                 Logged::Now => state,

@@ -160,6 +160,35 @@ fn write_fields(writes: &mut redis::Pipeline, key: &str, fields: Vec<(String, St
     }
 }
 
+/// The saga is no longer driven: out of `sagas:active`, its lease gone.
+fn write_inactive(writes: &mut redis::Pipeline, id: SagaId) {
+    writes
+        .srem(ACTIVE, id.to_string())
+        .ignore()
+        .del(lease_key(id))
+        .ignore();
+}
+
+/// A first end: `fields` and the answer (if any) in one HSET, the answer under the
+/// checkout's key too, no longer active, and the record's lifetime, which starts now.
+fn write_end(
+    writes: &mut redis::Pipeline,
+    saga: &SagaRecord,
+    mut fields: Vec<(String, String)>,
+    answer: Option<&Answer>,
+) {
+    let key = saga_key(saga.id);
+    if let Some(answer) = answer {
+        fields.push(("answer".to_string(), answer.encode()));
+        if let Some((idem_key, ttl)) = &saga.idem {
+            writes.set_ex(idem_key, answer.encode(), *ttl).ignore();
+        }
+    }
+    write_fields(writes, &key, fields);
+    write_inactive(writes, saga.id);
+    writes.expire(&key, RETENTION_SECS).ignore();
+}
+
 /// Where a saga stands, as an operator sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -315,6 +344,15 @@ impl SagaState {
         }
     }
 
+    /// What a checkout's decision on the order was: committed or not.
+    pub fn decided(committed: bool) -> SagaState {
+        if committed {
+            SagaState::Committed
+        } else {
+            SagaState::Aborted
+        }
+    }
+
     pub fn parse(text: &str) -> Option<SagaState> {
         match text {
             "PENDING" => Some(SagaState::Pending),
@@ -453,25 +491,12 @@ fn decision_writes(
     fields.push(("finished_ms".to_string(), now));
     fields.push(("reason".to_string(), end.reason.clone()));
     fields.extend(step_fields(&end.steps));
-    if let Some(answer) = &end.answer {
-        fields.push(("answer".to_string(), answer.encode()));
-        if let Some((idem_key, ttl)) = &saga.idem {
-            writes.set_ex(idem_key, answer.encode(), *ttl).ignore();
-        }
-    }
-    write_fields(&mut writes, &key, fields);
+    write_end(&mut writes, saga, fields, end.answer.as_ref());
     if let Some(pointer) = pointer {
         writes
             .set_ex(pointer, saga.id.to_string(), RETENTION_SECS as u64)
             .ignore();
     }
-    writes
-        .srem(ACTIVE, saga.id.to_string())
-        .ignore()
-        .del(lease_key(saga.id))
-        .ignore()
-        .expire(&key, RETENTION_SECS)
-        .ignore();
     writes
 }
 
@@ -696,11 +721,7 @@ impl SagaStore {
     /// left to recover, and the entry would otherwise be scanned forever.
     pub async fn forget(&self, id: SagaId) -> Result<(), StoreError> {
         let mut writes = redis::pipe();
-        writes
-            .srem(ACTIVE, id.to_string())
-            .ignore()
-            .del(lease_key(id))
-            .ignore();
+        write_inactive(&mut writes, id);
         self.store.write(&writes).await
     }
 
@@ -806,15 +827,11 @@ impl SagaStore {
                 let first: Option<String> = next_reply(&mut replies, &key)?;
                 let latest: Option<String> = next_reply(&mut replies, &pointer)?;
                 let mut writes = redis::pipe();
-                writes
-                    .srem(ACTIVE, saga.id.to_string())
-                    .ignore()
-                    .del(lease_key(saga.id))
-                    .ignore();
                 // Finished before (another driver): the first answer stands. Its
                 // active entry and lease go all the same, in case a driver that
                 // took the saga over meanwhile put them back.
                 if let Some(first) = first {
+                    write_inactive(&mut writes, saga.id);
                     return Ok(Tx::Commit(writes, Answer::decode(&first)));
                 }
                 writes
@@ -822,20 +839,10 @@ impl SagaStore {
                     .ignore()
                     .hset_nx(&key, "reason", &reason)
                     .ignore();
-                let mut fields = step_fields(&steps);
-                if let Some(answer) = &answer {
-                    fields.push(("answer".to_string(), answer.encode()));
-                }
-                write_fields(&mut writes, &key, fields);
                 if latest.as_deref() == Some(saga.id.to_string().as_str()) {
                     writes.expire(&pointer, RETENTION_SECS).ignore();
                 }
-                if let Some(answer) = &answer {
-                    if let Some((idem_key, ttl)) = &saga.idem {
-                        writes.set_ex(idem_key, answer.encode(), *ttl).ignore();
-                    }
-                }
-                writes.expire(&key, RETENTION_SECS).ignore();
+                write_end(&mut writes, &saga, step_fields(&steps), answer.as_ref());
                 Ok(Tx::Commit(writes, answer.clone()))
             }),
         };
@@ -853,12 +860,9 @@ impl SagaStore {
         let id = saga.id;
         let key = saga_key(id);
         let mut writes = redis::pipe();
+        write_inactive(&mut writes, id);
         writes
-            .srem(ACTIVE, id.to_string())
-            .ignore()
             .sadd(ATTENTION, id.to_string())
-            .ignore()
-            .del(lease_key(id))
             .ignore()
             .hset(&key, "attention", why)
             .ignore()
