@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use common::broker::Broker;
 use common::config::QueueType;
+use common::redis_store::Store;
 use common::types::{OrderId, SagaId};
 use futures::StreamExt;
 use lapin::options::{
@@ -167,6 +168,32 @@ async fn frozen_order(store_url: &str, saga: SagaId) -> (Orders, OrderId) {
     (orders, id)
 }
 
+/// A Redis of its own holding one order committed by a new saga: its outbox holds that
+/// decision's `order.paid` event.
+struct Committed {
+    _dir: ScratchDir,
+    redis: RedisServer,
+    store: Arc<Store>,
+    id: OrderId,
+    saga: SagaId,
+}
+
+async fn committed_order() -> Committed {
+    let dir = ScratchDir::new("outbox-test").unwrap();
+    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let store = direct_store(&redis.url());
+    let saga = SagaId::new();
+    let (orders, id) = frozen_order(&redis.url(), saga).await;
+    assert!(orders.commit(&id, saga).await.unwrap());
+    Committed {
+        _dir: dir,
+        redis,
+        store,
+        id,
+        saga,
+    }
+}
+
 fn outbox_length(redis: &RedisServer) -> usize {
     let mut conn = redis::Client::open(redis.url())
         .unwrap()
@@ -182,12 +209,13 @@ fn outbox_length(redis: &RedisServer) -> usize {
 async fn an_event_a_dead_relay_held_is_relayed_by_another() {
     let amqp = support::test_broker("outbox-relay");
     let received = notification_service(&amqp.url).await;
-    let dir = ScratchDir::new("outbox-test").unwrap();
-    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let store = direct_store(&redis.url());
-    let saga = SagaId::new();
-    let (orders, id) = frozen_order(&redis.url(), saga).await;
-    assert!(orders.commit(&id, saga).await.unwrap());
+    let Committed {
+        _dir,
+        redis,
+        store,
+        id,
+        saga,
+    } = committed_order().await;
     assert_eq!(outbox_length(&redis), 1, "the decision wrote its event");
 
     // The relay that dies: it reads the event (it is now pending to it) and
@@ -250,12 +278,9 @@ async fn an_event_a_dead_relay_held_is_relayed_by_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pass_that_only_reads_makes_the_group_it_needs() {
     let amqp = support::test_broker("outbox-group");
-    let dir = ScratchDir::new("outbox-test").unwrap();
-    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let store = direct_store(&redis.url());
-    let saga = SagaId::new();
-    let (orders, id) = frozen_order(&redis.url(), saga).await;
-    assert!(orders.commit(&id, saga).await.unwrap());
+    let Committed {
+        _dir, redis, store, ..
+    } = committed_order().await;
     let broker = Broker::new(&amqp.url, QueueType::Classic, &[]);
     assert_eq!(
         outbox::relay_once(&store, &broker, "first", false)
