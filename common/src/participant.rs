@@ -9,9 +9,11 @@
 //! applying anything twice.
 //!
 //! When a command cannot be applied, the message is never simply requeued
-//! (that puts it straight back at the head of the queue: a spin). Instead a
-//! copy with an attempt count (`x-attempts`) is published to the back of the
-//! queue after a backoff, and the original is acked; nothing waits behind it.
+//! (that puts it straight back at the head of the queue: a spin). Instead the
+//! commands of the delivery that were applied are answered at once, a copy of
+//! the others with an attempt count (`x-attempts`) is published to the back
+//! of the queue after a backoff, and the original is acked: nothing waits
+//! behind a failing command, not even the commands that shared its message.
 //! An outage of the store, or a write no replica confirmed
 //! ([`StoreError::NotDurable`]: the outcome is recorded on the master only, if
 //! at all), is retried like that without end: the command is not answered
@@ -120,6 +122,7 @@ async fn apply(participant: &Participant, delivery: Delivery) {
     let outcomes = commits.apply(batch.items.clone()).await;
     let attempts = header_int(&delivery, ATTEMPTS_HEADER).unwrap_or(0) + 1;
     let mut replies = Vec::with_capacity(outcomes.len());
+    let mut again = Vec::new();
     let mut failed = Vec::new();
     for (command, outcome) in batch.items.iter().zip(outcomes) {
         // Retrying cures these: never dead-lettered, never answered yet.
@@ -129,8 +132,8 @@ async fn apply(participant: &Participant, delivery: Delivery) {
             Applied::Retry(e) | Applied::Error(e) => {
                 if curable || attempts < PERMANENT_ATTEMPTS {
                     tracing::warn!(error = %e, saga = %command.saga_id, attempts, "command not applied; will try again");
-                    retry_later(broker, delivery, attempts).await;
-                    return;
+                    again.push(command.clone());
+                    continue;
                 }
                 tracing::error!(error = %e, saga = %command.saga_id, attempts, "command failed for good; dead-lettered");
                 failed.push(command.clone());
@@ -175,6 +178,12 @@ async fn apply(participant: &Participant, delivery: Delivery) {
             return;
         }
     }
+    if !again.is_empty() {
+        // Only the commands not applied go round again: the others are answered already,
+        // and a neighbour's failure never holds them up.
+        retry_later(broker, delivery, attempts, &Batch::of(again).to_json()).await;
+        return;
+    }
     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
         // The broker will redeliver; the recorded outcome makes that harmless.
         tracing::warn!(error = %e, "ack failed");
@@ -202,10 +211,11 @@ fn backoff(attempts: i64) -> Duration {
     Duration::from_millis(100 * 2u64.pow(exp)).min(Duration::from_secs(5))
 }
 
-/// Puts the message at the back of its queue with one more attempt counted,
-/// after a backoff. Only if that copy cannot be published is the original
-/// requeued (the broker itself is in trouble then).
-async fn retry_later(broker: &Broker, delivery: Delivery, attempts: i64) {
+/// Puts `commands` (the delivery's commands that were not applied) at the back of its
+/// queue with one more attempt counted, after a backoff, and acknowledges the delivery.
+/// Only if that copy cannot be published is the original requeued (the broker itself is
+/// in trouble then; its commands that were applied replay their recorded outcomes).
+async fn retry_later(broker: &Broker, delivery: Delivery, attempts: i64, commands: &[u8]) {
     tokio::time::sleep(backoff(attempts)).await;
     let queue = delivery.routing_key.as_str().to_string();
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
@@ -221,10 +231,7 @@ async fn retry_later(broker: &Broker, delivery: Delivery, attempts: i64) {
         properties = properties.with_reply_to(reply_to.clone());
     }
     metrics::counter!("participant_retries_total").increment(1);
-    match broker
-        .publish_with(&queue, &delivery.data, properties)
-        .await
-    {
+    match broker.publish_with(&queue, commands, properties).await {
         Ok(()) => {
             let _ = delivery.ack(BasicAckOptions::default()).await;
         }

@@ -76,26 +76,37 @@ async fn concurrent_checkouts_of_one_order_charge_it_once(amqp: &str) {
     assert_eq!(f.stock_of(&item).await, 9);
 }
 
-/// Sends `command` straight to the stock queue `times` times, as a broker
-/// redelivery would, and returns the replies.
-async fn deliver(f: &Fleet, command: &Command, times: usize) -> Vec<Outcome> {
+/// A reply queue of the test's own on `f`'s broker: the broker to publish
+/// with, the queue's name, and each reply message as it arrives (its replies).
+async fn reply_queue(
+    f: &Fleet,
+) -> (
+    Arc<Broker>,
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<Reply>>,
+) {
     let broker = Broker::new(&f.amqp, QueueType::Classic, &[]);
     let reply_queue = format!("test.replies.{}", uuid::Uuid::new_v4().simple());
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(broker.clone().consume(
         reply_queue.clone(),
         QueueKind::Reply,
         16,
         move |d: lapin::message::Delivery| {
-            for reply in Batch::<Reply>::from_json(&d.data).unwrap().items {
-                let _ = tx.send(reply.outcome);
-            }
+            let _ = tx.send(Batch::<Reply>::from_json(&d.data).unwrap().items);
             async move {
                 let _ = d.ack(lapin::options::BasicAckOptions::default()).await;
             }
         },
     ));
     tokio::time::sleep(Duration::from_millis(300)).await; // the reply queue exists
+    (broker, reply_queue, rx)
+}
+
+/// Sends `command` straight to the stock queue `times` times, as a broker
+/// redelivery would, and returns the replies.
+async fn deliver(f: &Fleet, command: &Command, times: usize) -> Vec<Outcome> {
+    let (broker, reply_queue, mut rx) = reply_queue(f).await;
     let body = Batch::of(vec![command.clone()]).to_json();
     let mut outcomes = Vec::new();
     for _ in 0..times {
@@ -103,29 +114,80 @@ async fn deliver(f: &Fleet, command: &Command, times: usize) -> Vec<Outcome> {
             .publish(&f.stock_queue, Some(&reply_queue), &body)
             .await
             .unwrap();
-        let outcome = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        let replies = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
             .expect("a reply")
             .unwrap();
-        outcomes.push(outcome);
+        outcomes.extend(replies.into_iter().map(|reply| reply.outcome));
     }
     outcomes
+}
+
+async fn next_replies(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<Reply>>) -> Vec<Reply> {
+    tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .expect("a reply")
+        .unwrap()
+}
+
+fn reserve(saga_id: SagaId, item: &str, quantity: i64) -> Command {
+    Command {
+        saga_id,
+        action: Action::Reserve {
+            lines: vec![Line {
+                item_id: ItemId::parse(item).unwrap(),
+                quantity: Amount::new(quantity).unwrap(),
+            }],
+        },
+        expires_at_ms: None,
+    }
+}
+
+/// Two sagas' commands in one message (as group publishing sends them), one of
+/// which cannot apply (its record is corrupt): the other is applied and
+/// answered at once, in a message of its own, not after the failing one's
+/// retries; the failing one is retried alone, then answered `Failed`.
+async fn a_failing_command_does_not_hold_up_its_message(amqp: &str) {
+    let f = fleet(amqp).await;
+    let (broken_item, fine_item) = (f.item(10, 1).await, f.item(10, 1).await);
+    let (broken, fine) = (SagaId::new(), SagaId::new());
+    let mut stock_db = f.db(1).await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("itemsaga:{broken}"))
+        .arg("garbage")
+        .query_async(&mut stock_db)
+        .await
+        .unwrap();
+    let (broker, reply_queue, mut rx) = reply_queue(&f).await;
+    let body = Batch::of(vec![
+        reserve(broken, &broken_item, 1),
+        reserve(fine, &fine_item, 3),
+    ]);
+    broker
+        .publish(&f.stock_queue, Some(&reply_queue), &body.to_json())
+        .await
+        .unwrap();
+    let first = next_replies(&mut rx).await;
+    assert_eq!(first.len(), 1, "the fine command alone: {first:?}");
+    assert_eq!(
+        (first[0].saga_id, &first[0].outcome),
+        (fine, &Outcome::Applied)
+    );
+    assert_eq!(f.stock_of(&fine_item).await, 7);
+    let last = next_replies(&mut rx).await;
+    assert_eq!(last.len(), 1, "the failing command alone: {last:?}");
+    assert_eq!(last[0].saga_id, broken);
+    assert!(
+        matches!(last[0].outcome, Outcome::Failed { .. }),
+        "{last:?}"
+    );
+    assert_eq!(f.stock_of(&broken_item).await, 10, "nothing taken");
 }
 
 async fn a_command_delivered_twice_over_the_broker_applies_once(amqp: &str) {
     let f = fleet(amqp).await;
     let item = f.item(10, 1).await;
-    let reserve = Command {
-        saga_id: SagaId::new(),
-        action: Action::Reserve {
-            lines: vec![Line {
-                item_id: ItemId::parse(&item).unwrap(),
-                quantity: Amount::new(4).unwrap(),
-            }],
-        },
-        expires_at_ms: None,
-    };
-    let outcomes = deliver(&f, &reserve, 2).await;
+    let outcomes = deliver(&f, &reserve(SagaId::new(), &item, 4), 2).await;
     assert_eq!(outcomes, vec![Outcome::Applied, Outcome::Applied]);
     assert_eq!(f.stock_of(&item).await, 6);
 }
@@ -572,6 +634,8 @@ async fn saga_scenarios() {
     concurrent_checkouts_of_one_order_charge_it_once(&broker.url).await;
     println!("scenario: a_command_delivered_twice_over_the_broker_applies_once");
     a_command_delivered_twice_over_the_broker_applies_once(&broker.url).await;
+    println!("scenario: a_failing_command_does_not_hold_up_its_message");
+    a_failing_command_does_not_hold_up_its_message(&broker.url).await;
     println!("scenario: a_late_command_after_its_compensation_is_refused_over_the_broker");
     a_late_command_after_its_compensation_is_refused_over_the_broker(&broker.url).await;
     println!("scenario: add_item_racing_a_checkout_never_changes_what_was_paid");
