@@ -167,10 +167,10 @@ pub const ENV_VARS: &[EnvVar] = &[
     },
     EnvVar {
         name: "SAGA_STEPS",
-        default: Some("sequential"),
+        default: Some("adaptive"),
         required: false,
         services: &[Order],
-        help: "sequential: charge only after the reservation succeeded (fewer messages when stock runs out); parallel: reserve and charge at once (one round trip less)",
+        help: "adaptive: reserve and charge at once, unless another running checkout of the instance reserves one of the same items (then in sequence); sequential: charge only after the reservation succeeded (fewer messages when stock runs out); parallel: always at once (one round trip less)",
     },
     EnvVar {
         name: "SAGA_LEASE_MS",
@@ -331,8 +331,13 @@ pub fn redis_target(url_var: &'static str, master_name: &str) -> Result<RedisTar
 /// How the orchestrator sends a saga's two steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepOrder {
+    /// Reserve and charge at once.
     Parallel,
+    /// Charge only once the reservation held.
     Sequential,
+    /// At once, unless another running saga of the instance reserves one of the
+    /// same items (then stock may run out: in sequence).
+    Adaptive,
 }
 
 /// Settings only the order service reads.
@@ -355,12 +360,13 @@ impl OrderSettings {
         Ok(Self {
             saga_redis: redis_target("SAGA_REDIS_URL", &saga_master)?,
             step_order: match var("SAGA_STEPS").as_deref() {
-                Some("sequential") | None => StepOrder::Sequential,
+                Some("adaptive") | None => StepOrder::Adaptive,
+                Some("sequential") => StepOrder::Sequential,
                 Some("parallel") => StepOrder::Parallel,
                 Some(other) => {
                     return Err(ConfigError::Invalid {
                         name: "SAGA_STEPS",
-                        reason: format!("{other:?} is neither parallel nor sequential"),
+                        reason: format!("{other:?} is none of adaptive, parallel, sequential"),
                     })
                 }
             },

@@ -4,8 +4,10 @@
 //! [`saga`] is the whole checkout state machine, [`orders`] and
 //! [`saga_store`] are its two stores, [`replies`] routes participants'
 //! answers back to the waiting checkout, [`ops`] is what operators see of
-//! and do to sagas.
+//! and do to sagas, [`contention`] tells a saga whether to send its steps at
+//! once.
 
+pub mod contention;
 pub mod openapi;
 pub mod ops;
 pub mod orders;

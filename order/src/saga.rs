@@ -43,9 +43,11 @@
 //! answers 503 and recovery finishes the saga once the lease lapses (fencing
 //! the order finds the decision if it survived).
 //!
-//! Steps run in sequence by default (`SAGA_STEPS`): reserve first, charge
-//! only if the reservation held. On a refusal by stock (most checkouts of a
-//! sold-out item) that saves the charge, the refund and their replies.
+//! How the two steps are sent (`SAGA_STEPS`, [`crate::contention`]): by
+//! default at once (a step's wait less), except while another saga of this
+//! instance reserves one of the same items: then in sequence, reserve first,
+//! charge only if the reservation held. On a refusal by stock (most checkouts
+//! of a sold-out item) that saves the charge, the refund and their replies.
 //!
 //! A step that timed out counts as possibly done, so an abort compensates
 //! it; participants make a compensation for a command that never arrived a
@@ -68,6 +70,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::contention::Contention;
 use crate::orders::{Freeze, Order, Orders};
 use crate::replies::Replies;
 use crate::saga_store::{
@@ -156,6 +159,8 @@ pub struct Orchestrator {
     replies: Arc<Replies>,
     routing: Routing,
     leases: Leases,
+    /// The items this instance's sagas are reserving (`SAGA_STEPS=adaptive`).
+    contention: Contention,
 }
 
 /// Whether an order is held by a checkout right now (for `addItem`).
@@ -190,6 +195,7 @@ impl Orchestrator {
             replies,
             routing,
             leases: Leases::default(),
+            contention: Contention::default(),
         }
     }
 
@@ -408,7 +414,14 @@ impl Orchestrator {
             user_id: saga.user_id.clone(),
             amount: saga.total,
         };
-        let (reserved, charged) = match self.routing.step_order {
+        // Counted until the steps are done: other sagas of these items meanwhile go in sequence.
+        let (reserving, contended) = self.contention.enter(&saga.lines);
+        let step_order = match self.routing.step_order {
+            StepOrder::Adaptive if contended => StepOrder::Sequential,
+            StepOrder::Adaptive => StepOrder::Parallel,
+            chosen => chosen,
+        };
+        let (reserved, charged) = match step_order {
             StepOrder::Parallel => tokio::join!(
                 timed(self.step(&self.routing.stock_queue, saga.id, reserve)),
                 timed(self.step(&self.routing.payment_queue, saga.id, charge))
@@ -422,7 +435,15 @@ impl Orchestrator {
                 };
                 (reserved, charged)
             }
+            StepOrder::Adaptive => unreachable!("resolved above"),
         };
+        drop(reserving);
+        let label = if step_order == StepOrder::Parallel {
+            "parallel"
+        } else {
+            "sequential"
+        };
+        metrics::counter!("checkout_steps_total", "order" => label).increment(1);
         // Recorded with the decision (its MULTI/EXEC): no round trip of their own.
         let steps = [reserved.log(Step::Reserve), charged.log(Step::Charge)];
         let (reserved, charged) = (reserved.result, charged.result);

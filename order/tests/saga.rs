@@ -56,21 +56,28 @@ async fn a_refused_step_is_compensated_and_nothing_stays_taken(amqp: &str) {
     assert!(!f.paid(&short).await && !f.paid(&broke).await);
 }
 
-async fn concurrent_checkouts_of_one_order_charge_it_once(amqp: &str) {
-    let f = Arc::new(fleet(amqp).await);
-    let item = f.item(10, 2).await;
-    let user = f.user(100).await;
-    let order = f.order(&user, &[(&item, 1)]).await;
-    let attempts: Vec<_> = (0..8)
-        .map(|_| {
+/// The status of a checkout of each of `orders`, all sent at once.
+async fn checkouts_at_once(f: &Arc<Fleet>, orders: &[String]) -> Vec<u16> {
+    let checkouts: Vec<_> = orders
+        .iter()
+        .map(|order| {
             let (f, order) = (f.clone(), order.clone());
             tokio::spawn(async move { f.checkout(&order).await })
         })
         .collect();
     let mut statuses = Vec::new();
-    for a in attempts {
-        statuses.push(a.await.unwrap());
+    for checkout in checkouts {
+        statuses.push(checkout.await.unwrap());
     }
+    statuses
+}
+
+async fn concurrent_checkouts_of_one_order_charge_it_once(amqp: &str) {
+    let f = Arc::new(fleet(amqp).await);
+    let item = f.item(10, 2).await;
+    let user = f.user(100).await;
+    let order = f.order(&user, &[(&item, 1)]).await;
+    let statuses = checkouts_at_once(&f, &vec![order.clone(); 8]).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(f.credit_of(&user).await, 98);
     assert_eq!(f.stock_of(&item).await, 9);
@@ -101,6 +108,66 @@ async fn reply_queue(
     ));
     tokio::time::sleep(Duration::from_millis(300)).await; // the reply queue exists
     (broker, reply_queue, rx)
+}
+
+/// How many checkouts of this process sent their steps `order` (`parallel`
+/// or `sequential`), from the order service's metrics.
+async fn steps_sent(f: &Fleet, order: &str) -> u64 {
+    let metrics = f.get_text(&format!("{}/metrics", f.order)).await;
+    let name = format!("checkout_steps_total{{order=\"{order}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&name))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// `SAGA_STEPS=adaptive` (the default): a checkout whose items no other
+/// running checkout reserves sends both steps at once; checkouts racing for
+/// one item go in sequence, and whichever way, exactly what was sold was
+/// charged.
+async fn steps_go_at_once_unless_an_item_is_contended(amqp: &str) {
+    let f = Arc::new(fleet(amqp).await);
+    let (parallel, sequential) = (
+        steps_sent(&f, "parallel").await,
+        steps_sent(&f, "sequential").await,
+    );
+    let item = f.item(5, 2).await;
+    let user = f.user(100).await;
+    let lone = f.order(&user, &[(&item, 1)]).await;
+    assert_eq!(f.checkout(&lone).await, 200);
+    assert_eq!(
+        steps_sent(&f, "parallel").await,
+        parallel + 1,
+        "a lone checkout: at once"
+    );
+    assert_eq!(steps_sent(&f, "sequential").await, sequential);
+    let mut orders = Vec::new();
+    for _ in 0..12 {
+        orders.push(f.order(&f.user(2).await, &[(&item, 1)]).await);
+    }
+    let statuses = checkouts_at_once(&f, &orders).await;
+    assert!(
+        steps_sent(&f, "sequential").await > sequential,
+        "twelve checkouts racing for one item: some went in sequence"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        4,
+        "{statuses:?}"
+    );
+    assert_eq!(f.stock_of(&item).await, 0);
+    for order in &orders {
+        let user = f.find_order(order).await["user_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let expected = if f.paid(order).await { 0 } else { 2 };
+        assert_eq!(
+            f.credit_of(&user).await,
+            expected,
+            "charged exactly when paid"
+        );
+    }
 }
 
 /// Sends `command` straight to the stock queue `times` times, as a broker
@@ -634,6 +701,8 @@ async fn saga_scenarios() {
     concurrent_checkouts_of_one_order_charge_it_once(&broker.url).await;
     println!("scenario: a_command_delivered_twice_over_the_broker_applies_once");
     a_command_delivered_twice_over_the_broker_applies_once(&broker.url).await;
+    println!("scenario: steps_go_at_once_unless_an_item_is_contended");
+    steps_go_at_once_unless_an_item_is_contended(&broker.url).await;
     println!("scenario: a_failing_command_does_not_hold_up_its_message");
     a_failing_command_does_not_hold_up_its_message(&broker.url).await;
     println!("scenario: a_late_command_after_its_compensation_is_refused_over_the_broker");

@@ -127,7 +127,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            step_order: StepOrder::Parallel,
+            step_order: StepOrder::Adaptive,
             step_timeout: Duration::from_secs(5),
             checkout_timeout: Duration::from_secs(20),
             saga_lease: Duration::from_secs(2),
