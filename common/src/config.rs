@@ -170,7 +170,7 @@ pub const ENV_VARS: &[EnvVar] = &[
         default: Some("adaptive"),
         required: false,
         services: &[Order],
-        help: "adaptive: reserve and charge at once, unless another running checkout of the instance reserves one of the same items (then in sequence); sequential: charge only after the reservation succeeded (fewer messages when stock runs out); parallel: always at once (one round trip less)",
+        help: "adaptive: reserve and charge at once, unless another running checkout of the instance reserves one of the same items or stock refused one of them in the last 5 s (then in sequence); sequential: charge only after the reservation succeeded (fewer messages when stock runs out); parallel: always at once (one round trip less)",
     },
     EnvVar {
         name: "SAGA_LEASE_MS",
@@ -336,7 +336,8 @@ pub enum StepOrder {
     /// Charge only once the reservation held.
     Sequential,
     /// At once, unless another running saga of the instance reserves one of the
-    /// same items (then stock may run out: in sequence).
+    /// same items or stock refused one of them lately (then stock may run out: in
+    /// sequence).
     Adaptive,
 }
 

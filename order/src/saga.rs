@@ -45,8 +45,9 @@
 //!
 //! How the two steps are sent (`SAGA_STEPS`, [`crate::contention`]): by
 //! default at once (a step's wait less), except while another saga of this
-//! instance reserves one of the same items: then in sequence, reserve first,
-//! charge only if the reservation held. On a refusal by stock (most checkouts
+//! instance reserves one of the same items or stock refused one of them in
+//! the last seconds: then in sequence, reserve first, charge only if the
+//! reservation held. On a refusal by stock (most checkouts
 //! of a sold-out item) that saves the charge, the refund and their replies.
 //!
 //! A step that timed out counts as possibly done, so an abort compensates
@@ -159,7 +160,7 @@ pub struct Orchestrator {
     replies: Arc<Replies>,
     routing: Routing,
     leases: Leases,
-    /// The items this instance's sagas are reserving (`SAGA_STEPS=adaptive`).
+    /// The items of this instance's sagas likely to run out (`SAGA_STEPS=adaptive`).
     contention: Contention,
 }
 
@@ -415,9 +416,9 @@ impl Orchestrator {
             amount: saga.total,
         };
         // Counted until the steps are done: other sagas of these items meanwhile go in sequence.
-        let (reserving, contended) = self.contention.enter(&saga.lines);
+        let (reserving, scarce) = self.contention.enter(&saga.lines);
         let step_order = match self.routing.step_order {
-            StepOrder::Adaptive if contended => StepOrder::Sequential,
+            StepOrder::Adaptive if scarce => StepOrder::Sequential,
             StepOrder::Adaptive => StepOrder::Parallel,
             chosen => chosen,
         };
@@ -438,6 +439,9 @@ impl Orchestrator {
             StepOrder::Adaptive => unreachable!("resolved above"),
         };
         drop(reserving);
+        if matches!(reserved.result, StepResult::Refused(_)) {
+            self.contention.refused(&saga.lines);
+        }
         let label = if step_order == StepOrder::Parallel {
             "parallel"
         } else {

@@ -110,23 +110,40 @@ async fn reply_queue(
     (broker, reply_queue, rx)
 }
 
-/// How many checkouts of this process sent their steps `order` (`parallel`
-/// or `sequential`), from the order service's metrics.
-async fn steps_sent(f: &Fleet, order: &str) -> u64 {
-    let metrics = f.get_text(&format!("{}/metrics", f.order)).await;
-    let name = format!("checkout_steps_total{{order=\"{order}\"}} ");
+/// The value of counter `series` (name and labels) at `service`'s
+/// `/metrics`, 0 while it has not been counted. The registry is the test
+/// process's, shared by every in-process service and fleet: compare values
+/// taken before and after.
+async fn counter(f: &Fleet, service: &str, series: &str) -> u64 {
+    let metrics = f.get_text(&format!("{service}/metrics")).await;
+    let name = format!("{series} ");
     metrics
         .lines()
         .find_map(|line| line.strip_prefix(&name))
         .map_or(0, |n| n.trim().parse().unwrap())
 }
 
+/// Dead letters of commands that failed for good (all participants of the test process).
+const DEAD_LETTERED: &str = "broker_dead_lettered_total{reason=\"store_error\"}";
+
+/// How many checkouts sent their steps `order` (`parallel` or `sequential`).
+async fn steps_sent(f: &Fleet, order: &str) -> u64 {
+    counter(
+        f,
+        &f.order,
+        &format!("checkout_steps_total{{order=\"{order}\"}}"),
+    )
+    .await
+}
+
 /// `SAGA_STEPS=adaptive` (the default): a checkout whose items no other
 /// running checkout reserves sends both steps at once; checkouts racing for
-/// one item go in sequence, and whichever way, exactly what was sold was
-/// charged.
-async fn steps_go_at_once_unless_an_item_is_contended(amqp: &str) {
-    let f = Arc::new(fleet(amqp).await);
+/// one item go in sequence, and so does one of an item stock just refused;
+/// whichever way, exactly what was sold was charged. (The broker link is slow,
+/// so the racing checkouts' steps surely overlap.)
+async fn steps_go_at_once_unless_an_item_may_run_out(amqp: &str) {
+    let (f, _proxy) = slow_saga_fleet(amqp).await;
+    let f = Arc::new(f);
     let (parallel, sequential) = (
         steps_sent(&f, "parallel").await,
         steps_sent(&f, "sequential").await,
@@ -146,8 +163,9 @@ async fn steps_go_at_once_unless_an_item_is_contended(amqp: &str) {
         orders.push(f.order(&f.user(2).await, &[(&item, 1)]).await);
     }
     let statuses = checkouts_at_once(&f, &orders).await;
+    let racing_in_sequence = steps_sent(&f, "sequential").await - sequential;
     assert!(
-        steps_sent(&f, "sequential").await > sequential,
+        racing_in_sequence > 0,
         "twelve checkouts racing for one item: some went in sequence"
     );
     assert_eq!(
@@ -168,6 +186,21 @@ async fn steps_go_at_once_unless_an_item_is_contended(amqp: &str) {
             "charged exactly when paid"
         );
     }
+    // Sold out, and stock just said so: the next checkout of it, alone, goes in
+    // sequence and is refused without a charge to refund.
+    let (parallel, sequential) = (
+        steps_sent(&f, "parallel").await,
+        steps_sent(&f, "sequential").await,
+    );
+    let late = f.order(&user, &[(&item, 1)]).await;
+    assert_eq!(f.checkout(&late).await, 400);
+    assert_eq!(steps_sent(&f, "sequential").await, sequential + 1);
+    assert_eq!(steps_sent(&f, "parallel").await, parallel);
+    assert_eq!(
+        f.credit_of(&user).await,
+        98,
+        "charged for the lone checkout only"
+    );
 }
 
 /// Sends `command` straight to the stock queue `times` times, as a broker
@@ -646,6 +679,7 @@ async fn a_compensation_that_cannot_apply_is_dead_lettered(amqp: &str) {
     let item = f.item(10, 3).await;
     let user = f.user(100).await;
     let order = f.order(&user, &[(&item, 2)]).await;
+    let dead_lettered = counter(&f, &f.stock, DEAD_LETTERED).await;
     let saga = orphan(&f, &order).await;
     let mut stock_db = f.db(1).await;
     let _: () = redis::cmd("SET")
@@ -678,9 +712,8 @@ async fn a_compensation_that_cannot_apply_is_dead_lettered(amqp: &str) {
     assert!(!active_sagas(&f, "sagas:active")
         .await
         .contains(&saga.to_string()));
-    let metrics = f.get_text(&format!("{}/metrics", f.stock)).await;
     assert!(
-        metrics.contains("broker_dead_lettered_total{reason=\"store_error\"}"),
+        counter(&f, &f.stock, DEAD_LETTERED).await > dead_lettered,
         "no dead letter counted"
     );
     // The order is not locked: it takes items again.
@@ -701,8 +734,8 @@ async fn saga_scenarios() {
     concurrent_checkouts_of_one_order_charge_it_once(&broker.url).await;
     println!("scenario: a_command_delivered_twice_over_the_broker_applies_once");
     a_command_delivered_twice_over_the_broker_applies_once(&broker.url).await;
-    println!("scenario: steps_go_at_once_unless_an_item_is_contended");
-    steps_go_at_once_unless_an_item_is_contended(&broker.url).await;
+    println!("scenario: steps_go_at_once_unless_an_item_may_run_out");
+    steps_go_at_once_unless_an_item_may_run_out(&broker.url).await;
     println!("scenario: a_failing_command_does_not_hold_up_its_message");
     a_failing_command_does_not_hold_up_its_message(&broker.url).await;
     println!("scenario: a_late_command_after_its_compensation_is_refused_over_the_broker");
