@@ -417,36 +417,30 @@ impl Orchestrator {
         };
         // Counted until the steps are done: other sagas of these items meanwhile go in sequence.
         let (reserving, scarce) = self.contention.enter(&saga.lines);
-        let step_order = match self.routing.step_order {
-            StepOrder::Adaptive if scarce => StepOrder::Sequential,
-            StepOrder::Adaptive => StepOrder::Parallel,
-            chosen => chosen,
+        let at_once = match self.routing.step_order {
+            StepOrder::Parallel => true,
+            StepOrder::Sequential => false,
+            StepOrder::Adaptive => !scarce,
         };
-        let (reserved, charged) = match step_order {
-            StepOrder::Parallel => tokio::join!(
+        let (reserved, charged) = if at_once {
+            tokio::join!(
                 timed(self.step(&self.routing.stock_queue, saga.id, reserve)),
                 timed(self.step(&self.routing.payment_queue, saga.id, charge))
-            ),
-            StepOrder::Sequential => {
-                let reserved = timed(self.step(&self.routing.stock_queue, saga.id, reserve)).await;
-                let charged = if reserved.result == StepResult::Applied {
-                    timed(self.step(&self.routing.payment_queue, saga.id, charge)).await
-                } else {
-                    Timed::skipped()
-                };
-                (reserved, charged)
-            }
-            StepOrder::Adaptive => unreachable!("resolved above"),
+            )
+        } else {
+            let reserved = timed(self.step(&self.routing.stock_queue, saga.id, reserve)).await;
+            let charged = if reserved.result == StepResult::Applied {
+                timed(self.step(&self.routing.payment_queue, saga.id, charge)).await
+            } else {
+                Timed::skipped()
+            };
+            (reserved, charged)
         };
         drop(reserving);
         if matches!(reserved.result, StepResult::Refused(_)) {
             self.contention.refused(&saga.lines);
         }
-        let label = if step_order == StepOrder::Parallel {
-            "parallel"
-        } else {
-            "sequential"
-        };
+        let label = if at_once { "parallel" } else { "sequential" };
         metrics::counter!("checkout_steps_total", "order" => label).increment(1);
         // Recorded with the decision (its MULTI/EXEC): no round trip of their own.
         let steps = [reserved.log(Step::Reserve), charged.log(Step::Charge)];

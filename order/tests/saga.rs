@@ -243,6 +243,18 @@ fn reserve(saga_id: SagaId, item: &str, quantity: i64) -> Command {
     }
 }
 
+/// Makes the stock participant's record of `saga` unreadable: any command of
+/// that saga then fails for good (it is never applied on a guess).
+async fn corrupt_stock_record(f: &Fleet, saga: SagaId) {
+    let mut stock_db = f.db(1).await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("itemsaga:{saga}"))
+        .arg("garbage")
+        .query_async(&mut stock_db)
+        .await
+        .unwrap();
+}
+
 /// Two sagas' commands in one message (as group publishing sends them), one of
 /// which cannot apply (its record is corrupt): the other is applied and
 /// answered at once, in a message of its own, not after the failing one's
@@ -251,13 +263,7 @@ async fn a_failing_command_does_not_hold_up_its_message(amqp: &str) {
     let f = fleet(amqp).await;
     let (broken_item, fine_item) = (f.item(10, 1).await, f.item(10, 1).await);
     let (broken, fine) = (SagaId::new(), SagaId::new());
-    let mut stock_db = f.db(1).await;
-    let _: () = redis::cmd("SET")
-        .arg(format!("itemsaga:{broken}"))
-        .arg("garbage")
-        .query_async(&mut stock_db)
-        .await
-        .unwrap();
+    corrupt_stock_record(&f, broken).await;
     let (broker, reply_queue, mut rx) = reply_queue(&f).await;
     let body = Batch::of(vec![
         reserve(broken, &broken_item, 1),
@@ -681,13 +687,7 @@ async fn a_compensation_that_cannot_apply_is_dead_lettered(amqp: &str) {
     let order = f.order(&user, &[(&item, 2)]).await;
     let dead_lettered = counter(&f, &f.stock, DEAD_LETTERED).await;
     let saga = orphan(&f, &order).await;
-    let mut stock_db = f.db(1).await;
-    let _: () = redis::cmd("SET")
-        .arg(format!("itemsaga:{saga}"))
-        .arg("garbage")
-        .query_async(&mut stock_db)
-        .await
-        .unwrap();
+    corrupt_stock_record(&f, saga).await;
     // Meanwhile, an unrelated checkout is served as usual.
     let other_user = f.user(100).await;
     let other = f.order(&other_user, &[(&item, 1)]).await;
