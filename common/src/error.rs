@@ -39,6 +39,8 @@ impl ApiError {
             ApiError::Store(StoreError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             // Not acknowledged: it may have happened; the retry with the same key is safe.
             ApiError::Store(StoreError::NotDurable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            // Nothing was written; room comes back as keys expire (or an operator adds memory).
+            ApiError::Store(StoreError::Full(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -53,8 +55,13 @@ impl IntoResponse for ApiError {
         let body = Json(serde_json::json!({ "error": self.to_string() }));
         if status == StatusCode::SERVICE_UNAVAILABLE {
             // The outcome is unknown or the system is busy: say when to try again
-            // (with the same Idempotency-Key, so nothing can apply twice).
-            return (status, [(RETRY_AFTER, "1")], body).into_response();
+            // (with the same Idempotency-Key, so nothing can apply twice). A full store
+            // frees memory only as keys expire: a retry within the second would meet it full.
+            let after = match self {
+                ApiError::Store(StoreError::Full(_)) => "10",
+                _ => "1",
+            };
+            return (status, [(RETRY_AFTER, after)], body).into_response();
         }
         (status, body).into_response()
     }
@@ -77,6 +84,7 @@ mod tests {
             ApiError::Store(StoreError::NotDurable("x".into())).status(),
             503
         );
+        assert_eq!(ApiError::Store(StoreError::Full("x".into())).status(), 503);
         assert_eq!(ApiError::Store(StoreError::corrupt("k", "x")).status(), 500);
     }
 
@@ -85,6 +93,13 @@ mod tests {
         let response = ApiError::Store(StoreError::NotDurable("x".into())).into_response();
         assert_eq!(response.status(), 503);
         assert_eq!(response.headers()[RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn a_full_store_asks_for_a_later_retry() {
+        let response = ApiError::Store(StoreError::Full("x".into())).into_response();
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()[RETRY_AFTER], "10");
     }
 
     #[test]

@@ -157,7 +157,10 @@ async fn apply_group<L: Ledger>(ledger: &L, commands: &[&Command]) -> Vec<Applie
 }
 
 fn is_curable(e: &StoreError) -> bool {
-    matches!(e, StoreError::Unavailable(_) | StoreError::NotDurable(_))
+    matches!(
+        e,
+        StoreError::Unavailable(_) | StoreError::NotDurable(_) | StoreError::Full(_)
+    )
 }
 
 fn applied(outcome: Result<Outcome, StoreError>) -> Applied {

@@ -14,9 +14,10 @@
 //! the others with an attempt count (`x-attempts`) is published to the back
 //! of the queue after a backoff, and the original is acked: nothing waits
 //! behind a failing command, not even the commands that shared its message.
-//! An outage of the store, or a write no replica confirmed
+//! An outage of the store, a write no replica confirmed
 //! ([`StoreError::NotDurable`]: the outcome is recorded on the master only, if
-//! at all), is retried like that without end: the command is not answered
+//! at all), or a store out of memory ([`StoreError::Full`]) is retried like
+//! that without end: the command is not answered
 //! until its outcome is on two nodes, and the dedupe record makes the retry
 //! find (and confirm) the first outcome. Any other failure (a corrupt value, a command Redis refuses) is
 //! retried [`PERMANENT_ATTEMPTS`] times, then the failing commands go to the

@@ -18,7 +18,10 @@ use common::broker::{Broker, QueueKind};
 use common::config::QueueType;
 use common::messages::{Action, Batch, Command, Line, Outcome, Reply};
 use common::types::{Amount, ItemId, SagaId};
-use support::{active_sagas, amqp_port, direct_store, fleet, fleet_with, test_broker, Fleet};
+use support::{
+    active_sagas, amqp_port, direct_store, fleet, fleet_with, test_broker, Endpoints, Fleet,
+    Options,
+};
 use xtask::faultproxy::Mode;
 use xtask::FaultProxy;
 
@@ -723,6 +726,137 @@ async fn a_compensation_that_cannot_apply_is_dead_lettered(amqp: &str) {
     assert_eq!(status, 200, "{body}");
 }
 
+/// Sets `maxmemory` of the redis-server behind `conn`: 1 byte makes every write an `OOM`
+/// (the store is full), 0 lifts the limit.
+async fn set_maxmemory(conn: &mut redis::aio::MultiplexedConnection, bytes: u64) {
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(bytes)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+/// A store out of memory (`maxmemory` with `noeviction`, as on k8s) refuses every write: a
+/// checkout then answers 503 with `Retry-After` (the system's failure, not the client's: never
+/// a 500), having taken nothing, and so does any other write; once there is room again the
+/// retry with the same key checks out once.
+async fn a_full_store_answers_503_and_takes_nothing(amqp: &str) {
+    let f = fleet(amqp).await;
+    let item = f.item(5, 3).await;
+    let user = f.user(10).await;
+    let order = f.order(&user, &[(&item, 2)]).await;
+    let mut redis = f.db(0).await;
+    set_maxmemory(&mut redis, 1).await;
+
+    let checkout = f
+        .http
+        .post(format!("{}/checkout/{order}", f.order))
+        .header("Idempotency-Key", "full-store")
+        .send()
+        .await
+        .unwrap();
+    let status = checkout.status().as_u16();
+    let retry_after = checkout.headers().get("retry-after").cloned();
+    let body: serde_json::Value = checkout.json().await.unwrap();
+    assert_eq!(status, 503, "checkout on a full store: {body}");
+    assert_eq!(
+        retry_after.as_ref().and_then(|v| v.to_str().ok()),
+        Some("10"),
+        "a 503 says when to retry"
+    );
+    assert!(
+        body["error"].as_str().is_some_and(|e| e.contains("full")),
+        "the reason names the full store: {body}"
+    );
+    let (status, body) = f
+        .post_with_key(&format!("{}/add/{item}/1", f.stock), "full-store-add")
+        .await;
+    assert_eq!(status, 503, "a plain write on a full store: {body}");
+
+    set_maxmemory(&mut redis, 0).await;
+    assert_eq!(
+        f.stock_of(&item).await,
+        5,
+        "the refused checkout took stock"
+    );
+    assert_eq!(
+        f.credit_of(&user).await,
+        10,
+        "the refused checkout took credit"
+    );
+    assert!(!f.paid(&order).await);
+    let (status, body) = f
+        .post_with_key(&format!("{}/checkout/{order}", f.order), "full-store")
+        .await;
+    assert_eq!(status, 200, "the retry once there is room: {body}");
+    assert_eq!(f.stock_of(&item).await, 3);
+    assert_eq!(f.credit_of(&user).await, 4);
+}
+
+/// A participant whose store is full (only stock's, here: a redis-server of its own) cannot
+/// apply the checkout's reservation: the checkout is refused or left undecided (400 or 503,
+/// never 500 or 200), the stock participant keeps its commands going round (a full store is
+/// curable, like an outage: nothing is dead-lettered), and once there is room every saga ends
+/// with nothing taken; a new checkout of the order then succeeds.
+async fn a_full_participant_store_holds_its_commands_until_there_is_room(amqp: &str) {
+    let (redis, dir) = support::redis_server();
+    let (stock_redis, _stock_dir) = support::redis_server();
+    let endpoints = Endpoints {
+        stock_redis: stock_redis.url(),
+        ..Endpoints::direct(&redis, amqp)
+    };
+    let options = Options {
+        step_timeout: Duration::from_secs(1),
+        checkout_timeout: Duration::from_secs(8),
+        ..Options::default()
+    };
+    let f = Fleet::start(amqp, redis, dir, &endpoints, &options).await;
+    let item = f.item(5, 3).await;
+    let user = f.user(10).await;
+    let order = f.order(&user, &[(&item, 2)]).await;
+    let dead_lettered = counter(&f, &f.stock, DEAD_LETTERED).await;
+    let mut stock_store = redis::Client::open(stock_redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    set_maxmemory(&mut stock_store, 1).await;
+
+    let (status, body) = f
+        .post_with_key(&format!("{}/checkout/{order}", f.order), "stock-full")
+        .await;
+    assert!(
+        status == 400 || status == 503,
+        "a checkout whose reservation met a full store answered {status}: {body}"
+    );
+    set_maxmemory(&mut stock_store, 0).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !active_sagas(&f, "sagas:active").await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sagas still running a minute after the store had room again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(active_sagas(&f, "sagas:attention").await.is_empty());
+    assert_eq!(f.stock_of(&item).await, 5, "stock stayed taken");
+    assert_eq!(f.credit_of(&user).await, 10, "credit stayed taken");
+    assert!(!f.paid(&order).await);
+    assert_eq!(
+        counter(&f, &f.stock, DEAD_LETTERED).await,
+        dead_lettered,
+        "a command was dead-lettered for a full store"
+    );
+    let (status, body) = f
+        .post_with_key(&format!("{}/checkout/{order}", f.order), "stock-room")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(f.stock_of(&item).await, 3);
+    assert_eq!(f.credit_of(&user).await, 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saga_scenarios() {
     let broker = test_broker("sagatest@localhost");
@@ -760,4 +894,8 @@ async fn saga_scenarios() {
     a_recovered_saga_leaves_the_answer_to_the_retry(&broker.url).await;
     println!("scenario: a_compensation_that_cannot_apply_is_dead_lettered");
     a_compensation_that_cannot_apply_is_dead_lettered(&broker.url).await;
+    println!("scenario: a_full_store_answers_503_and_takes_nothing");
+    a_full_store_answers_503_and_takes_nothing(&broker.url).await;
+    println!("scenario: a_full_participant_store_holds_its_commands_until_there_is_room");
+    a_full_participant_store_holds_its_commands_until_there_is_room(&broker.url).await;
 }

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use common::error::ApiError;
 use common::idempotency::Answer;
-use common::messages::Line;
+use common::messages::{Line, Step};
 use common::types::{Amount, ItemId, OrderId, SagaId, UserId};
 use order::saga_store::{
-    Begin, Decision, End, Logged, Progress, SagaRecord, SagaState, SagaStore, RETENTION_SECS,
+    Begin, Decision, End, Logged, Progress, SagaRecord, SagaState, SagaStore, StepLog,
+    RETENTION_SECS,
 };
 use xtask::resp::Reply;
 use xtask::{free_port, FaultProxy, RedisServer, ScratchDir};
@@ -232,5 +233,80 @@ async fn a_decision_with_its_end_finishes_the_saga_in_one_write() {
     assert_eq!(
         text(&["HGET", &key, "reason"]).as_deref(),
         Some("committed")
+    );
+}
+
+/// A finished saga's record stays one compact listpack in Redis (~0.9 KB), although its
+/// order lines and step logs pass Redis' default 64-byte limit for one: the project's
+/// Redis nodes raise that limit (`hash-max-ziplist-value`, `xtask/src/redis.rs`), and a
+/// hashtable would take more than twice the memory for the ten minutes a record is kept.
+#[tokio::test]
+async fn a_finished_saga_record_is_one_listpack() {
+    let dir = ScratchDir::new("saga-store-test").unwrap();
+    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let sagas = SagaStore::new(direct_store(&redis.url()));
+    let idem_key = "idem:/checkout/o-1:compact-record";
+    let lines: Vec<Line> = ["item-one", "item-two", "item-three"]
+        .iter()
+        .map(|id| Line {
+            item_id: ItemId::parse(id).unwrap(),
+            quantity: Amount::new(2).unwrap(),
+        })
+        .collect();
+    let saga = SagaRecord {
+        lines,
+        ..record(idem_key)
+    };
+    assert!(
+        serde_json::to_string(&saga.lines).unwrap().len() > 64,
+        "the lines must pass the default limit for this test to mean anything"
+    );
+    sagas
+        .begin(&saga, "instance-a", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let now = 1_795_559_548_745;
+    let step = |step, outcome| StepLog::new(step, outcome, None, now, now + 20);
+    let paid = Answer {
+        status: 200,
+        body: serde_json::json!({"order_id": "o-1", "paid": true}),
+    };
+    let decision = Decision {
+        state: SagaState::Committed,
+        held_order: true,
+        steps: vec![
+            step(Step::Reserve, "applied"),
+            step(Step::Charge, "applied"),
+        ],
+        end: Some(End {
+            answer: Some(paid),
+            reason: "committed".into(),
+            steps: vec![step(Step::Settle, "sent")],
+        }),
+    };
+    assert_eq!(sagas.decide(&saga, decision).await.unwrap(), Logged::Now);
+
+    let key = format!("saga:{}", saga.id);
+    let longest = redis
+        .command(&["HVALS", &key])
+        .unwrap()
+        .items()
+        .iter()
+        .filter_map(Reply::as_text)
+        .map(|v| v.len())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        longest > 64,
+        "no value of the record passed 64 bytes ({longest})"
+    );
+    let encoding = redis
+        .command(&["OBJECT", "ENCODING", &key])
+        .unwrap()
+        .as_text();
+    assert!(
+        // Redis 7 says listpack, Redis 6 ziplist.
+        matches!(encoding.as_deref(), Some("listpack" | "ziplist")),
+        "the finished record {key} is {encoding:?}, not one listpack"
     );
 }

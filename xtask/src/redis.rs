@@ -9,6 +9,10 @@
 //! - `save ""`: no periodic RDB snapshots competing with the AOF for the disk;
 //! - `repl-diskless-sync-delay 0`: a replica's full sync starts at once instead of after the
 //!   default 5 s wait for more replicas (that wait would delay every start and failover);
+//! - `hash-max-ziplist-value 256` (Redis 7's `hash-max-listpack-value`, both accept the old
+//!   name): a saga's record (a hash whose order lines and step logs pass the default 64
+//!   bytes) stays one compact listpack, ~0.9 KB instead of a ~2 KB hashtable, which halves
+//!   the saga store's memory per finished checkout and its AOF rewrites (BENCHMARKS.md);
 //! - for a node of a replicated set ([`RedisServer::start_in_set`]: the fleet's stores,
 //!   [`crate::SentinelSet`]) `min-replicas-to-write 1` and `min-replicas-max-lag 10`: while it
 //!   is a master it refuses writes (`NOREPLICAS`) unless a replica is connected and has
@@ -44,6 +48,10 @@ pub const MIN_REPLICAS_TO_WRITE: u32 = 1;
 /// `min-replicas-max-lag` (seconds) of a node in a replicated set: how long a replica may stay
 /// silent before its master stops counting it (replicas acknowledge once a second).
 pub const MIN_REPLICAS_MAX_LAG_SECS: u32 = 10;
+/// Longest hash value (bytes) a hash may hold and still be one listpack (see the module docs);
+/// the same in docker-compose (`deploy/redis/redis-node.sh`) and on k8s
+/// (`helm-config/redis-values.yaml`).
+pub const HASH_LISTPACK_VALUE: u32 = 256;
 
 /// A redis-server process (data node or Sentinel) started from a config file.
 #[derive(Debug)]
@@ -292,6 +300,7 @@ fn data_config(
     }
     c.push_str(&format!("dbfilename dump-{port}.rdb\n"));
     c.push_str("save \"\"\nrepl-diskless-sync-delay 0\n");
+    c.push_str(&format!("hash-max-ziplist-value {HASH_LISTPACK_VALUE}\n"));
     if in_set {
         c.push_str(&format!(
             "min-replicas-to-write {MIN_REPLICAS_TO_WRITE}\nmin-replicas-max-lag {MIN_REPLICAS_MAX_LAG_SECS}\n"
@@ -576,6 +585,7 @@ mod tests {
             "requirepass pw",
             "masterauth pw",
             "repl-diskless-sync-delay 0",
+            "hash-max-ziplist-value 256",
         ] {
             assert!(c.lines().any(|l| l == line), "missing {line:?} in\n{c}");
         }
@@ -587,6 +597,24 @@ mod tests {
         assert!(!c6.contains("appenddirname"));
         assert!(!c6.contains("replicaof"));
         assert!(!c6.contains("requirepass"));
+    }
+
+    /// docker-compose and k8s start their Redis nodes from files of their own: they must keep
+    /// hashes as compact as the local fleet does.
+    #[test]
+    fn compose_and_helm_keep_hashes_as_compact_as_the_fleet() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let setting = format!("hash-max-ziplist-value {HASH_LISTPACK_VALUE}");
+        let compose = std::fs::read_to_string(root.join("deploy/redis/redis-node.sh")).unwrap();
+        assert!(
+            compose.contains(&format!("--{setting}")),
+            "deploy/redis/redis-node.sh does not start redis-server with --{setting}"
+        );
+        let helm = std::fs::read_to_string(root.join("helm-config/redis-values.yaml")).unwrap();
+        assert!(
+            helm.lines().any(|l| l.trim() == setting),
+            "helm-config/redis-values.yaml: commonConfiguration lacks {setting:?}"
+        );
     }
 
     #[test]

@@ -103,6 +103,15 @@ pub enum StoreError {
     /// the redelivery of the same command) is safe and returns the first answer.
     #[error("not confirmed on a replica, outcome unknown (retry with the same key): {0}")]
     NotDurable(String),
+    /// The master is out of memory (`maxmemory` with `noeviction`) and refused a write
+    /// (`OOM`; inside MULTI/EXEC the whole transaction is discarded, so the refused
+    /// transaction applied nothing; earlier writes of the same request may have). A read
+    /// that must be confirmed is refused too (its confirmation is a marker write). Not
+    /// retried within the request (memory comes back only as keys expire or an operator adds
+    /// some): the caller hears a 503, and a participant's command goes round again with a
+    /// backoff.
+    #[error("store full: {0}; retry later")]
+    Full(String),
     /// Redis refused a command for a reason retrying does not fix.
     #[error("redis error: {0}")]
     Redis(RedisError),
@@ -937,6 +946,15 @@ impl Store {
                 tracing::warn!(store = %self.target, "the master refused a write: no replica is connected");
                 Ok(Transient::NotDurable(e.to_string()))
             }
+            // Before the retryable errors: a transaction OOM discarded is an `EXECABORT`.
+            StoreError::Redis(e) if is_oom(&e) => {
+                metrics::counter!("redis_full_total").increment(1);
+                tracing::error!(store = %self.target, "the master is out of memory and refused a write");
+                Err(StoreError::Full(format!(
+                    "{}: out of memory (maxmemory)",
+                    self.target
+                )))
+            }
             StoreError::Redis(e) if is_retryable(&e) => Ok(Transient::Unavailable(e.to_string())),
             StoreError::NotDurable(why) => Ok(Transient::NotDurable(why)),
             other => Err(other),
@@ -1008,10 +1026,23 @@ impl Retry<'_> {
 /// (`min-replicas-to-write`); inside MULTI/EXEC it surfaces as `EXECABORT`
 /// naming the refused command.
 fn is_noreplicas(e: &RedisError) -> bool {
-    e.code() == Some("NOREPLICAS")
+    refused_with(e, "NOREPLICAS")
+}
+
+/// Redis answered `code`, alone or for one of the commands of a discarded transaction.
+fn refused_with(e: &RedisError, code: &str) -> bool {
+    e.code() == Some(code)
         || e.clone()
             .into_server_errors()
-            .is_some_and(|errors| errors.iter().any(|(_, s)| s.code() == "NOREPLICAS"))
+            .is_some_and(|errors| errors.iter().any(|(_, s)| s.code() == code))
+}
+
+/// The master refused a write for want of memory (`maxmemory`, `noeviction`): `OOM`
+/// alone, among the failures of a transaction discarded at queue time, or as the reason of
+/// an `EXECABORT` (memory ran out between queueing and `EXEC`).
+fn is_oom(e: &RedisError) -> bool {
+    refused_with(e, "OOM")
+        || (e.code() == Some("EXECABORT") && e.detail().is_some_and(|d| d.contains("OOM")))
 }
 
 /// Errors a retry on a freshly resolved master can cure.
@@ -1038,6 +1069,30 @@ pub fn is_retryable(e: &RedisError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An error reply as Redis sends it, as redis-rs hands it over.
+    fn server_error(reply: &str) -> RedisError {
+        redis::parse_redis_value(reply.as_bytes())
+            .and_then(Value::extract_error)
+            .expect_err("an error reply")
+    }
+
+    #[test]
+    fn out_of_memory_is_told_from_other_refusals() {
+        let oom = server_error("-OOM command not allowed when used memory > 'maxmemory'.\r\n");
+        assert!(is_oom(&oom));
+        // Memory ran out between MULTI's queueing and EXEC.
+        let at_exec = server_error(
+            "-EXECABORT Transaction discarded because of: OOM command not allowed when used memory > 'maxmemory'.\r\n",
+        );
+        assert!(is_oom(&at_exec));
+        let other_abort =
+            server_error("-EXECABORT Transaction discarded because of previous errors.\r\n");
+        assert!(!is_oom(&other_abort));
+        assert!(is_retryable(&other_abort));
+        let noreplicas = server_error("-NOREPLICAS Not enough good replicas to write.\r\n");
+        assert!(!is_oom(&noreplicas));
+    }
 
     #[test]
     fn only_online_replicas_that_acknowledged_lately_count() {

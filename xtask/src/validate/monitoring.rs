@@ -36,8 +36,8 @@ const METRIC_CRATES: [&str; 4] = ["common", "order", "stock", "payment"];
 /// The path the services serve Prometheus text on (`common/src/http.rs`).
 const METRICS_PATH: &str = "/metrics";
 /// What the dashboards must show (issue 9): request rate and latency by route, saga outcomes,
-/// compensations, redeliveries, dead letters, WAIT failures.
-const REQUIRED_METRICS: [&str; 7] = [
+/// compensations, redeliveries, dead letters, WAIT failures; and full stores.
+const REQUIRED_METRICS: [&str; 8] = [
     "http_requests_total",
     "http_request_duration_seconds_bucket",
     "saga_outcomes_total",
@@ -45,6 +45,7 @@ const REQUIRED_METRICS: [&str; 7] = [
     "broker_redelivered_total",
     "broker_dead_lettered_total",
     "redis_not_durable_total",
+    "redis_full_total",
 ];
 /// The ServiceMonitor, outside `k8s/` (the deploy scripts apply it only where the CRD exists).
 const SERVICE_MONITOR: &str = "deploy/monitoring/k8s/servicemonitor.yaml";
