@@ -117,11 +117,28 @@ fn sentinels_fail_over_when_the_master_is_killed() {
         );
         sleep(Duration::from_millis(200));
     }
-    let conf = std::fs::read_to_string(master.conf_path()).unwrap();
-    assert!(conf.contains(&format!("replicaof 127.0.0.1 {}", promoted.port())));
+    // Sentinel turns it into a replica and rewrites its config file in one transaction, but
+    // ROLE can answer `slave` before the file is on disk, and under CI load the sentinels may
+    // have failed over a second time meanwhile: wait for the file to name whichever node they
+    // now call master (a clean-clone CI run once read it too early and failed).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let conf = loop {
+        let conf = std::fs::read_to_string(master.conf_path()).unwrap();
+        let current = sentinels[0].master_port("data").unwrap();
+        if let Some(port) = current.filter(|&p| p != master.port()) {
+            if conf.contains(&format!("replicaof 127.0.0.1 {port}")) {
+                break conf;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old master's config never named the new master ({current:?}):\n{conf}"
+        );
+        sleep(Duration::from_millis(200));
+    };
     assert!(
         conf.contains("min-replicas-to-write 1"),
-        "Sentinel's rewrite kept the write guard"
+        "Sentinel's rewrite kept the write guard:\n{conf}"
     );
 }
 
