@@ -320,10 +320,7 @@ async fn an_add_whose_exec_reply_was_lost_is_applied_once() {
         let answer = counters.add("a", amount(1), &key(), render).await.unwrap();
         assert_eq!(proxy.fired(), round, "the fault did not fire");
         assert_eq!(answer, Answer::ok(json!({"stock": 10 + round})));
-        let direct: i64 = redis
-            .command(&["HGET", "item:a", "stock"])
-            .unwrap()
-            .as_text()
+        let direct: i64 = xtask::resp::text(&redis.command(&["HGET", "item:a", "stock"]).unwrap())
             .unwrap()
             .parse()
             .unwrap();

@@ -106,9 +106,7 @@ impl Credit {
 
 /// The counter as `node` itself holds it (read straight from that process).
 fn credit_on(node: &RedisServer) -> i64 {
-    node.command(&["HGET", "user:u", "credit"])
-        .unwrap()
-        .as_text()
+    xtask::resp::text(&node.command(&["HGET", "user:u", "credit"]).unwrap())
         .expect("the counter exists")
         .parse()
         .unwrap()
@@ -221,7 +219,7 @@ async fn acknowledged_writes_survive_a_dead_replica_a_lagging_one_and_the_master
     let caught_up = new_master.command(&["EXISTS", "filler"]).unwrap();
     assert_eq!(
         caught_up,
-        xtask::resp::Reply::Int(0),
+        redis::Value::Int(0),
         "the survivor caught up with the master: this run did not make it lag"
     );
     let on_new_master = credit_on(new_master);
@@ -242,7 +240,7 @@ fn wait_connected_replicas(master: &RedisServer, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let info = master.command(&["INFO", "replication"]).unwrap();
-        let info = info.as_text().unwrap_or_default();
+        let info = xtask::resp::text(&info).unwrap_or_default();
         let connected = xtask::resp::info_field(&info, "connected_slaves");
         if connected.and_then(|c| c.parse::<usize>().ok()) == Some(n) {
             return;
@@ -367,7 +365,7 @@ async fn with_both_replicas_healthy_an_acknowledged_write_is_on_both() {
     let took = started.elapsed();
     // What the master knows the replicas acknowledged (REPLCONF ACK offsets), right after.
     let info = master.command(&["INFO", "replication"]).unwrap();
-    let info = info.as_text().unwrap().to_string();
+    let info = xtask::resp::text(&info).unwrap();
     let _slow = waker.join().unwrap();
     let offset = |prefix: &str| -> i64 {
         info.lines()

@@ -95,7 +95,7 @@ async fn a_commit_stands_after_batch_init_overwrote_its_order() {
     );
     let ttl = redis.command(&["TTL", &format!("paid:{saga}")]).unwrap();
     assert!(
-        matches!(ttl, xtask::resp::Reply::Int(t) if t > 0),
+        matches!(ttl, redis::Value::Int(t) if t > 0),
         "the paid mark has no lifetime: {ttl:?}"
     );
     assert_eq!(

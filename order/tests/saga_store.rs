@@ -11,7 +11,8 @@ use order::saga_store::{
     Begin, Decision, End, Logged, Progress, SagaRecord, SagaState, SagaStore, StepLog,
     RETENTION_SECS,
 };
-use xtask::resp::Reply;
+use redis::Value;
+use xtask::resp;
 use xtask::{free_port, FaultProxy, RedisServer, ScratchDir};
 
 mod support;
@@ -65,7 +66,7 @@ async fn the_first_answer_of_a_saga_stands() {
 
     let recorded = redis.command(&["GET", idem_key]).unwrap();
     assert_eq!(
-        recorded.as_text(),
+        resp::text(&recorded),
         Some(first.encode()),
         "the checkout's key holds the first answer"
     );
@@ -178,9 +179,9 @@ async fn a_decision_with_its_end_finishes_the_saga_in_one_write() {
         .unwrap();
     assert_eq!(logged, Logged::Now);
 
-    let text = |args: &[&str]| redis.command(args).unwrap().as_text();
+    let text = |args: &[&str]| resp::text(&redis.command(args).unwrap());
     let int = |args: &[&str]| match redis.command(args).unwrap() {
-        Reply::Int(n) => n,
+        Value::Int(n) => n,
         other => panic!("{args:?}: not an integer: {other:?}"),
     };
     let key = format!("saga:{}", saga.id);
@@ -287,12 +288,10 @@ async fn a_finished_saga_record_is_one_listpack() {
     assert_eq!(sagas.decide(&saga, decision).await.unwrap(), Logged::Now);
 
     let key = format!("saga:{}", saga.id);
-    let longest = redis
-        .command(&["HVALS", &key])
-        .unwrap()
-        .items()
+    let values = redis.command(&["HVALS", &key]).unwrap();
+    let longest = resp::items(&values)
         .iter()
-        .filter_map(Reply::as_text)
+        .filter_map(resp::text)
         .map(|v| v.len())
         .max()
         .unwrap_or(0);
@@ -300,10 +299,7 @@ async fn a_finished_saga_record_is_one_listpack() {
         longest > 64,
         "no value of the record passed 64 bytes ({longest})"
     );
-    let encoding = redis
-        .command(&["OBJECT", "ENCODING", &key])
-        .unwrap()
-        .as_text();
+    let encoding = resp::text(&redis.command(&["OBJECT", "ENCODING", &key]).unwrap());
     assert!(
         // Redis 7 says listpack, Redis 6 ziplist.
         matches!(encoding.as_deref(), Some("listpack" | "ziplist")),

@@ -1,15 +1,13 @@
-//! Ports and a tiny HTTP/1.1 client over `std::net::TcpStream`.
+//! Ports, and `GET` through ureq's blocking client.
 //!
-//! The launcher only needs "is this port taken?" and "does this URL answer 200?". A plain GET
-//! with `Connection: close` covers both without pulling an async HTTP stack into a crate that
-//! the services' tests also compile.
+//! The launcher only needs "is this port taken?" and "does this URL answer 200?", from plain
+//! threads: a blocking client answers the second without an async runtime in the caller.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 
 /// Ports [`free_port`] picks from: below Linux's default ephemeral range (32768-60999), so a
 /// port we hand out is never also picked by the kernel for someone's outgoing connection (which
@@ -18,9 +16,13 @@ use anyhow::{anyhow, bail, Context, Result};
 const PICK_RANGE: std::ops::Range<u16> = 10_000..25_000;
 const RESERVED: std::ops::RangeInclusive<u16> = 15_670..=15_680;
 
-/// A port on 127.0.0.1 that is free now and that this process has not handed out before.
-/// Another process may still take it before you bind it; with random picks from 15,000 ports
-/// that is rare enough for tests.
+/// How long a claim of [`claim_port`] holds off other processes: a test run's servers are long
+/// gone by then, and the ports are handed out again.
+const CLAIM_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// A port on 127.0.0.1 that is free now, that this process has not handed out before and that
+/// no other process using this function claimed within the hour. Something else may still
+/// take it before you bind it: rare enough for tests.
 pub fn free_port() -> u16 {
     use std::collections::HashSet;
     use std::sync::Mutex;
@@ -29,7 +31,11 @@ pub fn free_port() -> u16 {
     let seen = seen.get_or_insert_with(HashSet::new);
     for _ in 0..1000 {
         let port = random_in(PICK_RANGE);
-        if !RESERVED.contains(&port) && !seen.contains(&port) && port_is_free(port) {
+        if !RESERVED.contains(&port)
+            && !seen.contains(&port)
+            && port_is_free(port)
+            && claim_port(port)
+        {
             seen.insert(port);
             return port;
         }
@@ -39,6 +45,34 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("cannot bind 127.0.0.1:0")
+}
+
+/// Claims `port` among processes: `cargo test` runs test binaries side by side, and two of them
+/// could both find a port free and both start a server on it (a CI run failed so: "port ...
+/// is already in use"). A claim is a file created exclusively in a directory under the
+/// system's temp dir; one older than [`CLAIM_LIFETIME`] is stale and taken over. Without a
+/// usable temp dir every port counts as claimed by us (the bind probe alone decides).
+fn claim_port(port: u16) -> bool {
+    use std::fs::{self, OpenOptions};
+    use std::io::ErrorKind;
+    let dir = std::env::temp_dir().join("xtask-port-claims");
+    if fs::create_dir_all(&dir).is_err() {
+        return true;
+    }
+    let path = dir.join(port.to_string());
+    let create = || OpenOptions::new().write(true).create_new(true).open(&path);
+    match create() {
+        Ok(_) => true,
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            let stale = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default() > CLAIM_LIFETIME)
+                .unwrap_or(false);
+            // Of two processes taking over one stale claim, only one creates the new file.
+            stale && fs::remove_file(&path).is_ok() && create().is_ok()
+        }
+        Err(_) => true,
+    }
 }
 
 /// A pseudo-random number in `range` (std's randomly keyed hasher, fed with a counter).
@@ -71,99 +105,26 @@ pub struct HttpResponse {
     pub body: String,
 }
 
-/// `http://host:port/path` split into (host, port, path).
-fn parse_url(url: &str) -> Result<(String, u16, String)> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow!("only http:// URLs are supported: {url}"))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse().with_context(|| format!("bad port in {url}"))?),
-        None => (authority, 80),
-    };
-    if host.is_empty() {
-        bail!("no host in {url}");
-    }
-    Ok((host.to_string(), port, path.to_string()))
-}
-
-/// One `GET` with `Connection: close`, everything (connect, send, read) within `timeout`.
+/// One `GET`, everything (connect, send, read) within `timeout`; any status is a response.
 pub fn http_get(url: &str, timeout: Duration) -> Result<HttpResponse> {
-    let (host, port, path) = parse_url(url)?;
-    let addr = (host.as_str(), port)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| anyhow!("cannot resolve {host}"))?;
-    let deadline = Instant::now() + timeout;
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
-    stream.set_read_timeout(Some(left))?;
-    stream.set_write_timeout(Some(left))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\nAccept: */*\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    parse_response(&raw)
-}
-
-fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| anyhow!("incomplete HTTP response"))?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let body = &raw[split + 4..];
-    let mut lines = head.lines();
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("bad status line {status_line:?}"))?;
-    let chunked = lines.any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_vec()
-    };
-    Ok(HttpResponse {
-        status,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
-}
-
-/// Decodes a chunked body (chunk extensions and trailers ignored).
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| anyhow!("truncated chunk header"))?;
-        let size_text = String::from_utf8_lossy(&data[..eol]);
-        let size_hex = size_text.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_hex, 16)
-            .with_context(|| format!("bad chunk size {size_hex:?}"))?;
-        data = &data[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if data.len() < size {
-            bail!("truncated chunk");
-        }
-        out.extend_from_slice(&data[..size]);
-        data = data.get(size + 2..).unwrap_or_default();
-    }
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        // Every URL here is the fleet's own, on this machine: never through a proxy from
+        // the environment.
+        .proxy(None)
+        .build()
+        .into();
+    let mut response = agent
+        .get(url)
+        .call()
+        .with_context(|| format!("GET {url}"))?;
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .with_context(|| format!("GET {url}: reading the body"))?;
+    Ok(HttpResponse { status, body })
 }
 
 /// Polls `url` until it answers 200, or fails after `timeout` with the last status or error.
@@ -188,37 +149,7 @@ pub fn wait_http_ok(url: &str, timeout: Duration) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::BufRead;
-
-    #[test]
-    fn urls_are_split() {
-        assert_eq!(
-            parse_url("http://127.0.0.1:8000/stock/find/7").unwrap(),
-            ("127.0.0.1".into(), 8000, "/stock/find/7".into())
-        );
-        assert_eq!(
-            parse_url("http://localhost").unwrap(),
-            ("localhost".into(), 80, "/".into())
-        );
-        assert!(parse_url("https://x/").is_err());
-        assert!(parse_url("http://:80/").is_err());
-    }
-
-    #[test]
-    fn responses_are_parsed_plain_and_chunked() {
-        let plain = b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno";
-        assert_eq!(
-            parse_response(plain).unwrap(),
-            HttpResponse {
-                status: 404,
-                body: "no".into()
-            }
-        );
-        let chunked =
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n3;x=1\r\n:1}\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).unwrap().body, "{\"a\":1}");
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
-    }
+    use std::io::{BufRead, Write};
 
     #[test]
     fn free_ports_are_distinct_and_outside_the_ephemeral_range() {
@@ -230,6 +161,26 @@ mod tests {
         assert!(ports
             .iter()
             .all(|p| PICK_RANGE.contains(p) && !RESERVED.contains(p)));
+    }
+
+    #[test]
+    fn a_claimed_port_is_not_claimed_again() {
+        let port = free_port();
+        assert!(!claim_port(port), "{port} was handed out, so it is claimed");
+        let claim = std::env::temp_dir()
+            .join("xtask-port-claims")
+            .join(port.to_string());
+        assert!(claim.exists());
+        // A stale claim (its run is over) is taken over.
+        let old = std::time::SystemTime::now() - CLAIM_LIFETIME - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&claim)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert!(claim_port(port));
+        assert!(!claim_port(port));
     }
 
     #[test]

@@ -192,16 +192,13 @@ impl RedisProcess {
     }
 
     fn answering_pid(&self) -> Result<u32> {
-        let mut c = resp::Connection::connect(
+        let mut c = resp::connect(
             self.port,
             self.password.as_deref().filter(|_| !self.sentinel),
             Duration::from_secs(1),
         )?;
-        c.command(&["PING"])?;
-        let info = c
-            .command(&["INFO", "server"])?
-            .as_text()
-            .unwrap_or_default();
+        resp::command(&mut c, &["PING"])?;
+        let info = resp::text(&resp::command(&mut c, &["INFO", "server"])?).unwrap_or_default();
         resp::info_field(&info, "process_id")
             .and_then(|p| p.parse().ok())
             .ok_or_else(|| anyhow!("no process_id in INFO"))
@@ -252,7 +249,7 @@ impl RedisProcess {
         self.pid
     }
 
-    pub(crate) fn query(&self, args: &[&str]) -> Result<resp::Reply> {
+    pub(crate) fn query(&self, args: &[&str]) -> Result<redis::Value> {
         let pw = self.password.as_deref().filter(|_| !self.sentinel);
         resp::query(self.port, pw, args)
     }
@@ -483,7 +480,7 @@ impl RedisServer {
     }
 
     /// Sends one command (with AUTH when the server has a password).
-    pub fn command(&self, args: &[&str]) -> Result<resp::Reply> {
+    pub fn command(&self, args: &[&str]) -> Result<redis::Value> {
         self.inner.query(args)
     }
 

@@ -1,150 +1,82 @@
-//! A minimal RESP2 client over `std::net::TcpStream`.
+//! One-off commands to a Redis or Sentinel on 127.0.0.1, through redis-rs' blocking client.
 //!
-//! The kit talks to Redis and Sentinel only to check on them (PING, INFO, ROLE, SENTINEL ...).
-//! A hundred lines of protocol keep the redis crate, and its async runtime choice, out of a crate
-//! that the services' tests link next to their own redis-rs version.
+//! The kit talks to Redis and Sentinel only to check on them (PING, INFO, ROLE, SENTINEL ...),
+//! one short command at a time from plain threads, so it uses the same crate as the services
+//! without their async pool: a connection per question, with timeouts so a stalled node (a
+//! SIGSTOPped master, a partitioned port) fails the question instead of hanging the caller.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
+use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Value};
 
-/// One RESP2 reply.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
-    Simple(String),
-    Error(String),
-    Int(i64),
-    /// `None` is the nil bulk string.
-    Bulk(Option<Vec<u8>>),
-    /// `None` is the nil array.
-    Array(Option<Vec<Reply>>),
+/// How long [`query`] waits to connect and for the answer.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connects to `port`, with `timeout` for the connect and for every later read and write;
+/// authenticates when a password is given.
+pub fn connect(port: u16, password: Option<&str>, timeout: Duration) -> Result<redis::Connection> {
+    // A one-off question sends nothing but itself (and AUTH): no `CLIENT SETINFO`.
+    let mut settings = RedisConnectionInfo::default().set_skip_set_lib_name();
+    if let Some(pw) = password {
+        settings = settings.set_password(pw);
+    }
+    let info = ConnectionAddr::Tcp("127.0.0.1".into(), port)
+        .into_connection_info()?
+        .set_redis_settings(settings);
+    let conn = redis::Client::open(info)?
+        .get_connection_with_timeout(timeout)
+        .with_context(|| format!("cannot connect to 127.0.0.1:{port}"))?;
+    conn.set_read_timeout(Some(timeout))?;
+    conn.set_write_timeout(Some(timeout))?;
+    Ok(conn)
 }
 
-impl Reply {
-    /// The reply as text, for simple and bulk strings.
-    pub fn as_text(&self) -> Option<String> {
-        match self {
-            Reply::Simple(s) => Some(s.clone()),
-            Reply::Bulk(Some(b)) => Some(String::from_utf8_lossy(b).into_owned()),
-            _ => None,
-        }
-    }
-
-    /// The elements of an array reply (empty for anything else).
-    pub fn items(&self) -> &[Reply] {
-        match self {
-            Reply::Array(Some(v)) => v,
-            _ => &[],
-        }
-    }
-}
-
-/// A connection to a Redis or Sentinel on 127.0.0.1.
-pub struct Connection {
-    reader: BufReader<TcpStream>,
-}
-
-impl Connection {
-    /// Connects, with `timeout` for the connect and for every later read and write; sends AUTH
-    /// when a password is given.
-    pub fn connect(port: u16, password: Option<&str>, timeout: Duration) -> Result<Self> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let stream = TcpStream::connect_timeout(&addr, timeout)
-            .with_context(|| format!("cannot connect to 127.0.0.1:{port}"))?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        stream.set_nodelay(true)?;
-        let mut conn = Connection {
-            reader: BufReader::new(stream),
-        };
-        if let Some(pw) = password {
-            conn.command(&["AUTH", pw])?;
-        }
-        Ok(conn)
-    }
-
-    /// Sends one command and reads its reply; a Redis error reply becomes an `Err`.
-    pub fn command(&mut self, args: &[&str]) -> Result<Reply> {
-        self.reader.get_mut().write_all(&encode(args))?;
-        match read_reply(&mut self.reader)? {
-            Reply::Error(e) => bail!("{}: {e}", args.first().copied().unwrap_or("")),
-            r => Ok(r),
-        }
-    }
-}
-
-/// The command as a RESP array of bulk strings.
-pub fn encode(args: &[&str]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+/// Sends one command on `conn` and reads its reply; a Redis error reply is an `Err` that
+/// names the command and carries Redis' code (`NOREPLICAS ...`).
+pub fn command(conn: &mut redis::Connection, args: &[&str]) -> Result<Value> {
+    let mut cmd = redis::Cmd::new();
     for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        cmd.arg(*a);
     }
-    out
-}
-
-/// Reads one reply (recursively for arrays).
-pub fn read_reply(r: &mut impl BufRead) -> Result<Reply> {
-    let mut line = Vec::new();
-    r.read_until(b'\n', &mut line)?;
-    if !line.ends_with(b"\r\n") {
-        bail!("connection closed or truncated reply");
-    }
-    line.truncate(line.len() - 2);
-    let (kind, rest) = line
-        .split_first()
-        .ok_or_else(|| anyhow!("empty reply line"))?;
-    let text = String::from_utf8_lossy(rest).into_owned();
-    let number = || -> Result<i64> {
-        text.parse()
-            .with_context(|| format!("bad number in reply: {text:?}"))
-    };
-    Ok(match kind {
-        b'+' => Reply::Simple(text),
-        b'-' => Reply::Error(text),
-        b':' => Reply::Int(number()?),
-        b'$' => match number()? {
-            -1 => Reply::Bulk(None),
-            n if n >= 0 => {
-                let mut buf = vec![0; n as usize + 2];
-                r.read_exact(&mut buf)?;
-                buf.truncate(n as usize);
-                Reply::Bulk(Some(buf))
-            }
-            n => bail!("bad bulk length {n}"),
-        },
-        b'*' => match number()? {
-            -1 => Reply::Array(None),
-            n if n >= 0 => {
-                Reply::Array(Some((0..n).map(|_| read_reply(r)).collect::<Result<_>>()?))
-            }
-            n => bail!("bad array length {n}"),
-        },
-        other => bail!("unknown reply type {:?}", *other as char),
-    })
+    cmd.query(conn)
+        .map_err(|e| anyhow!("{}: {e}", args.first().copied().unwrap_or("")))
 }
 
 /// One command on a fresh connection (two-second timeouts).
-pub fn query(port: u16, password: Option<&str>, args: &[&str]) -> Result<Reply> {
-    Connection::connect(port, password, Duration::from_secs(2))?.command(args)
+pub fn query(port: u16, password: Option<&str>, args: &[&str]) -> Result<Value> {
+    command(&mut connect(port, password, QUERY_TIMEOUT)?, args)
+}
+
+/// The reply as text, for simple and bulk strings (and `OK`).
+pub fn text(reply: &Value) -> Option<String> {
+    match reply {
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::Okay => Some("OK".into()),
+        _ => None,
+    }
+}
+
+/// The elements of an array reply (empty for anything else).
+pub fn items(reply: &Value) -> &[Value] {
+    match reply {
+        Value::Array(v) => v,
+        _ => &[],
+    }
 }
 
 /// The current role of a Redis process: `master`, `slave` or `sentinel` (first element of ROLE).
 pub fn role(port: u16, password: Option<&str>) -> Result<String> {
-    query(port, password, &["ROLE"])?
-        .items()
+    items(&query(port, password, &["ROLE"])?)
         .first()
-        .and_then(Reply::as_text)
+        .and_then(text)
         .ok_or_else(|| anyhow!("unexpected ROLE reply"))
 }
 
 /// `INFO <section>` as text.
 pub fn info(port: u16, password: Option<&str>, section: &str) -> Result<String> {
-    query(port, password, &["INFO", section])?
-        .as_text()
+    text(&query(port, password, &["INFO", section])?)
         .ok_or_else(|| anyhow!("unexpected INFO reply"))
 }
 
@@ -157,64 +89,59 @@ pub fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
 }
 
 /// A flat `[k1, v1, k2, v2, ...]` reply (SENTINEL MASTER, CONFIG GET) as pairs.
-pub fn pairs(reply: &Reply) -> Vec<(String, String)> {
-    reply
-        .items()
+pub fn pairs(reply: &Value) -> Vec<(String, String)> {
+    items(reply)
         .chunks(2)
-        .filter_map(|kv| Some((kv.first()?.as_text()?, kv.get(1)?.as_text()?)))
+        .filter_map(|kv| Some((text(kv.first()?)?, text(kv.get(1)?)?)))
         .collect()
+}
+
+/// The port in a `SENTINEL get-master-addr-by-name` reply (`[ip, port]`, nil when unknown).
+pub fn master_addr_port(reply: &Value) -> Option<u16> {
+    text(items(reply).get(1)?)?.parse().ok()
+}
+
+/// The port of `store`'s master according to the Sentinel on `sentinel_port` (`None` when it
+/// does not answer or does not know).
+pub fn sentinel_master(sentinel_port: u16, store: &str) -> Option<u16> {
+    let reply = query(
+        sentinel_port,
+        None,
+        &["SENTINEL", "get-master-addr-by-name", store],
+    );
+    master_addr_port(&reply.ok()?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(bytes: &[u8]) -> Result<Reply> {
-        read_reply(&mut BufReader::new(bytes))
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
     }
 
     #[test]
-    fn commands_are_encoded_as_bulk_arrays() {
-        assert_eq!(
-            encode(&["SET", "k", ""]),
-            b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n"
-        );
+    fn texts_and_items() {
+        assert_eq!(text(&Value::SimpleString("PONG".into())).unwrap(), "PONG");
+        assert_eq!(text(&Value::Okay).unwrap(), "OK");
+        assert_eq!(text(&bulk("a\r\nb")).unwrap(), "a\r\nb");
+        assert_eq!(text(&Value::Int(3)), None);
+        assert!(items(&Value::Nil).is_empty());
+        let role = Value::Array(vec![bulk("slave"), bulk("127.0.0.1"), Value::Int(6400)]);
+        assert_eq!(text(&items(&role)[0]).as_deref(), Some("slave"));
     }
 
     #[test]
-    fn every_reply_type_parses() {
-        assert_eq!(parse(b"+PONG\r\n").unwrap(), Reply::Simple("PONG".into()));
-        assert_eq!(
-            parse(b"-READONLY no\r\n").unwrap(),
-            Reply::Error("READONLY no".into())
-        );
-        assert_eq!(parse(b":-3\r\n").unwrap(), Reply::Int(-3));
-        assert_eq!(parse(b"$-1\r\n").unwrap(), Reply::Bulk(None));
-        assert_eq!(
-            parse(b"$4\r\na\r\nb\r\n").unwrap(),
-            Reply::Bulk(Some(b"a\r\nb".to_vec()))
-        );
-        assert_eq!(parse(b"*-1\r\n").unwrap(), Reply::Array(None));
-        let role = parse(b"*3\r\n$5\r\nslave\r\n$9\r\n127.0.0.1\r\n:6400\r\n").unwrap();
-        assert_eq!(role.items()[0].as_text().as_deref(), Some("slave"));
-        assert_eq!(role.items()[2], Reply::Int(6400));
-    }
-
-    #[test]
-    fn truncated_replies_are_errors() {
-        assert!(parse(b"+PONG").is_err());
-        assert!(parse(b"$5\r\nab\r\n").is_err());
-        assert!(parse(b"*2\r\n:1\r\n").is_err());
-        assert!(parse(b"?x\r\n").is_err());
-    }
-
-    #[test]
-    fn info_fields_and_pairs() {
+    fn info_fields_pairs_and_master_addresses() {
         let info = "# Replication\r\nrole:slave\r\nmaster_link_status:up\r\n";
         assert_eq!(info_field(info, "master_link_status"), Some("up"));
         assert_eq!(info_field(info, "nope"), None);
-        let reply =
-            parse(b"*4\r\n$4\r\nname\r\n$5\r\norder\r\n$5\r\nflags\r\n$6\r\nmaster\r\n").unwrap();
+        let reply = Value::Array(vec![
+            bulk("name"),
+            bulk("order"),
+            bulk("flags"),
+            bulk("master"),
+        ]);
         assert_eq!(
             pairs(&reply),
             vec![
@@ -222,5 +149,8 @@ mod tests {
                 ("flags".to_string(), "master".to_string())
             ]
         );
+        let addr = Value::Array(vec![bulk("127.0.0.1"), bulk("6400")]);
+        assert_eq!(master_addr_port(&addr), Some(6400));
+        assert_eq!(master_addr_port(&Value::Nil), None);
     }
 }

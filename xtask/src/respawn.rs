@@ -69,21 +69,6 @@ pub fn redis_plan(
     }
 }
 
-/// The master of `store` according to the Sentinel on `sentinel_port`.
-pub fn sentinel_master(sentinel_port: u16, store: &str) -> Option<u16> {
-    resp::query(
-        sentinel_port,
-        None,
-        &["SENTINEL", "get-master-addr-by-name", store],
-    )
-    .ok()?
-    .items()
-    .get(1)?
-    .as_text()?
-    .parse()
-    .ok()
-}
-
 /// A data node of a Sentinel-managed set ([`RedisServer::restart_in_set`]).
 #[derive(Debug, Clone)]
 pub struct RedisNode {
@@ -109,7 +94,7 @@ impl RedisNode {
             let answers: Vec<Option<u16>> = self
                 .sentinel_ports
                 .iter()
-                .map(|&s| sentinel_master(s, &self.store))
+                .map(|&s| resp::sentinel_master(s, &self.store))
                 .collect();
             match redis_plan(self.port, &answers, began.elapsed(), self.failover_grace) {
                 RedisPlan::ReplicaOf(m) => return Ok(Some(m)),

@@ -130,10 +130,7 @@ impl Sentinel {
         let r = self
             .inner
             .query(&["SENTINEL", "get-master-addr-by-name", name])?;
-        Ok(r.items()
-            .get(1)
-            .and_then(resp::Reply::as_text)
-            .and_then(|p| p.parse().ok()))
+        Ok(resp::master_addr_port(&r))
     }
 
     /// `SENTINEL MASTER <name>` as field/value pairs (flags, num-slaves, num-other-sentinels...).

@@ -3,22 +3,25 @@
 //! Unlike the process-kit tests these do not skip when redis-server is missing: the services'
 //! fault tests rely on the proxy, so a machine that cannot run these must fail loudly.
 
-use std::io::{BufReader, ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use redis::Value;
 use xtask::faultproxy::Mode;
-use xtask::resp::{self, Reply};
+use xtask::resp;
 use xtask::{free_port, FaultProxy, RedisServer, ScratchDir};
 
 /// How long a client waits for a reply that the proxy is expected to swallow.
 const NO_REPLY_WAIT: Duration = Duration::from_millis(700);
 
-/// A RESP client on a raw stream, so the tests can see timeouts and resets as such.
+/// A RESP client on a raw stream, so the tests can see timeouts and resets as such and send
+/// a command in pieces; redis-rs encodes the commands and parses the replies.
 struct Client {
-    reader: BufReader<TcpStream>,
+    stream: TcpStream,
+    parser: redis::Parser,
 }
 
 impl Client {
@@ -28,23 +31,60 @@ impl Client {
         stream.set_read_timeout(Some(Duration::from_secs(3)))?;
         stream.set_write_timeout(Some(Duration::from_secs(3)))?;
         Ok(Client {
-            reader: BufReader::new(stream),
+            stream,
+            parser: redis::Parser::new(),
         })
     }
 
     fn send(&mut self, bytes: &[u8]) -> Result<()> {
-        Ok(self.reader.get_mut().write_all(bytes)?)
+        Ok(self.stream.write_all(bytes)?)
     }
 
-    fn read(&mut self, timeout: Duration) -> Result<Reply> {
-        self.reader.get_ref().set_read_timeout(Some(timeout))?;
-        resp::read_reply(&mut self.reader)
+    /// The next reply; a failed read is an io::Error of the read's own kind (redis-rs wraps
+    /// it in its own error, and the tests tell a reset from a timeout by that kind).
+    fn read(&mut self, timeout: Duration) -> Result<Value> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        let mut reading = Reading {
+            stream: &self.stream,
+            failed: None,
+        };
+        self.parser
+            .parse_value(&mut reading)
+            .map_err(|e| match reading.failed {
+                Some(kind) => std::io::Error::new(kind, e.to_string()).into(),
+                None => e.into(),
+            })
     }
 
-    fn command(&mut self, args: &[&str]) -> Result<Reply> {
-        self.send(&resp::encode(args))?;
+    fn command(&mut self, args: &[&str]) -> Result<Value> {
+        self.send(&encode(args))?;
         self.read(Duration::from_secs(3))
     }
+}
+
+/// The stream as the parser reads it, keeping the kind of a failed read.
+struct Reading<'a> {
+    stream: &'a TcpStream,
+    failed: Option<ErrorKind>,
+}
+
+impl Read for Reading<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let read = (&*self.stream).read(buf);
+        if let Err(e) = &read {
+            self.failed = Some(e.kind());
+        }
+        read
+    }
+}
+
+/// The command as redis-rs puts it on the wire.
+fn encode(args: &[&str]) -> Vec<u8> {
+    let mut cmd = redis::Cmd::new();
+    for a in args {
+        cmd.arg(*a);
+    }
+    cmd.get_packed_command()
 }
 
 /// The io::ErrorKind behind a failed read or write, if any.
@@ -59,12 +99,15 @@ fn is_timeout(e: &anyhow::Error) -> bool {
     )
 }
 
-fn simple(s: &str) -> Reply {
-    Reply::Simple(s.into())
+fn simple(s: &str) -> Value {
+    match s {
+        "OK" => Value::Okay,
+        _ => Value::SimpleString(s.into()),
+    }
 }
 
-fn bulk(s: &str) -> Reply {
-    Reply::Bulk(Some(s.as_bytes().to_vec()))
+fn bulk(s: &str) -> Value {
+    Value::BulkString(s.as_bytes().to_vec())
 }
 
 /// A fresh redis-server and a proxy in front of it. A missing redis-server fails the test.
@@ -80,7 +123,7 @@ fn setup(name: &str) -> (ScratchDir, RedisServer, FaultProxy) {
 
 /// The value of `key` read directly from the server, bypassing the proxy.
 fn direct_get(redis: &RedisServer, key: &str) -> Option<String> {
-    redis.command(&["GET", key]).unwrap().as_text()
+    resp::text(&redis.command(&["GET", key]).unwrap())
 }
 
 /// Waits until `key` holds `want` on the server itself.
@@ -161,18 +204,18 @@ fn drop_replies_runs_the_command_but_the_client_never_hears_back() {
     let mut c = Client::connect(&proxy).unwrap();
     assert_eq!(c.command(&["PING"]).unwrap(), simple("PONG"));
     proxy.set_mode(Mode::DropReplies);
-    c.send(&resp::encode(&["INCR", "k"])).unwrap();
+    c.send(&encode(&["INCR", "k"])).unwrap();
     let err = c.read(NO_REPLY_WAIT).unwrap_err();
     assert!(is_timeout(&err), "expected a timeout, got {err:#}");
     wait_direct(&redis, "k", "1");
     // New connections are affected too.
     let mut other = Client::connect(&proxy).unwrap();
-    other.send(&resp::encode(&["INCR", "k"])).unwrap();
+    other.send(&encode(&["INCR", "k"])).unwrap();
     assert!(is_timeout(&other.read(NO_REPLY_WAIT).unwrap_err()));
     wait_direct(&redis, "k", "2");
     proxy.set_mode(Mode::Forward);
     let mut fresh = Client::connect(&proxy).unwrap();
-    assert_eq!(fresh.command(&["INCR", "k"]).unwrap(), Reply::Int(3));
+    assert_eq!(fresh.command(&["INCR", "k"]).unwrap(), Value::Int(3));
 }
 
 #[test]
@@ -187,7 +230,7 @@ fn drop_reply_after_exec_loses_the_reply_and_resets_only_that_connection() {
     assert_eq!(c.command(&["MULTI"]).unwrap(), simple("OK"));
     assert_eq!(c.command(&["INCR", "k"]).unwrap(), simple("QUEUED"));
     assert_eq!(proxy.fired(), 0);
-    c.send(&resp::encode(&["EXEC"])).unwrap();
+    c.send(&encode(&["EXEC"])).unwrap();
     let start = Instant::now();
     assert_reset(&mut c);
     // Swallowed first, reset about 200 ms after the server answered.
@@ -202,7 +245,7 @@ fn drop_reply_after_exec_loses_the_reply_and_resets_only_that_connection() {
     assert_eq!(fresh.command(&["INCR", "k"]).unwrap(), simple("QUEUED"));
     assert_eq!(
         fresh.command(&["EXEC"]).unwrap(),
-        Reply::Array(Some(vec![Reply::Int(2)]))
+        Value::Array(vec![Value::Int(2)])
     );
     assert_eq!(proxy.fired(), 1);
     assert_eq!(proxy.mode(), Mode::Forward);
@@ -215,7 +258,7 @@ fn drop_reply_after_finds_a_pattern_split_across_writes() {
     let mut c = Client::connect(&proxy).unwrap();
     assert_eq!(c.command(&["MULTI"]).unwrap(), simple("OK"));
     assert_eq!(c.command(&["INCR", "k"]).unwrap(), simple("QUEUED"));
-    let exec = resp::encode(&["EXEC"]);
+    let exec = encode(&["EXEC"]);
     let (first, second) = exec.split_at(exec.len() - 4); // "...EX" | "EC\r\n"
     c.send(first).unwrap();
     sleep(Duration::from_millis(100)); // the proxy reads the halves separately
@@ -228,9 +271,9 @@ fn drop_reply_after_finds_a_pattern_split_across_writes() {
     proxy.drop_reply_after(b"EXEC");
     let mut again = Client::connect(&proxy).unwrap();
     let pipeline = [
-        resp::encode(&["MULTI"]),
-        resp::encode(&["INCR", "k"]),
-        resp::encode(&["EXEC"]),
+        encode(&["MULTI"]),
+        encode(&["INCR", "k"]),
+        encode(&["EXEC"]),
     ]
     .concat();
     again.send(&pipeline).unwrap();

@@ -23,7 +23,7 @@ fn require(program: &str) {
 }
 
 fn get(server: &RedisServer, key: &str) -> Option<String> {
-    server.command(&["GET", key]).unwrap().as_text()
+    resp::text(&server.command(&["GET", key]).unwrap())
 }
 
 #[test]
@@ -252,7 +252,7 @@ fn resp_query_talks_to_a_real_server() {
     assert_eq!(resp::info_field(&info, "aof_enabled"), Some("1"));
     assert_eq!(
         resp::query(server.port(), None, &["PING"]).unwrap(),
-        resp::Reply::Simple("PONG".into())
+        redis::Value::SimpleString("PONG".into())
     );
     assert!(resp::query(server.port(), None, &["NOSUCHCOMMAND"]).is_err());
 }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use xtask::respawn::{sentinel_master, Program, Ready, RedisNode, SentinelNode};
+use xtask::resp::sentinel_master;
+use xtask::respawn::{Program, Ready, RedisNode, SentinelNode};
 use xtask::supervisor::{Backoff, Event, Supervisor};
 use xtask::{find_binary, free_port, port_is_free, proc, resp, ScratchDir, SentinelSet};
 
@@ -144,9 +145,7 @@ fn a_killed_master_comes_back_as_a_replica_of_the_new_master() {
         assert!(Instant::now() < deadline, "{}", replication(new_master));
         sleep(Duration::from_millis(100));
     }
-    let get = resp::query(old_master.0, None, &["GET", "k"])
-        .unwrap()
-        .as_text();
+    let get = resp::text(&resp::query(old_master.0, None, &["GET", "k"]).unwrap());
     assert_eq!(get.as_deref(), Some("before"));
     eprintln!("killed master back as a synced replica after {back:?}");
 
@@ -225,10 +224,7 @@ fn a_killed_program_is_restarted_on_its_port_with_growing_backoff() {
         assert_eq!(sup.pid(m), pid);
         assert!(!port_is_free(port), "nothing listens on {port} again");
         assert_eq!(
-            resp::query(port, None, &["PING"])
-                .unwrap()
-                .as_text()
-                .as_deref(),
+            resp::text(&resp::query(port, None, &["PING"]).unwrap()).as_deref(),
             Some("PONG")
         );
         let Event::Died { retry_in, .. } = events[0] else {

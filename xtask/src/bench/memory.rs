@@ -11,22 +11,11 @@ use crate::state::{Kind, State};
 
 /// The port of `store`'s master now.
 pub fn master_port(state: &State, store: &str) -> Result<u16> {
-    for sentinel in fleet::SENTINEL_PORTS {
-        let Ok(reply) = resp::query(
-            sentinel,
-            None,
-            &["SENTINEL", "get-master-addr-by-name", store],
-        ) else {
-            continue;
-        };
-        if let Some(port) = reply
-            .items()
-            .get(1)
-            .and_then(resp::Reply::as_text)
-            .and_then(|p| p.parse().ok())
-        {
-            return Ok(port);
-        }
+    if let Some(port) = fleet::SENTINEL_PORTS
+        .iter()
+        .find_map(|&sentinel| resp::sentinel_master(sentinel, store))
+    {
+        return Ok(port);
     }
     state
         .processes

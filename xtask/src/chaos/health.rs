@@ -74,17 +74,7 @@ pub fn wait_back(root: &Path, timeout: Duration) -> std::result::Result<Duration
 pub fn master_port(store: &str) -> Result<u16> {
     let mut seen = Vec::new();
     for port in fleet::SENTINEL_PORTS {
-        if let Ok(reply) = resp::query(port, None, &["SENTINEL", "get-master-addr-by-name", store])
-        {
-            if let Some(p) = reply
-                .items()
-                .get(1)
-                .and_then(resp::Reply::as_text)
-                .and_then(|p| p.parse::<u16>().ok())
-            {
-                seen.push(p);
-            }
-        }
+        seen.extend(resp::sentinel_master(port, store));
     }
     seen.sort_unstable();
     seen.dedup();
@@ -158,7 +148,7 @@ fn sentinels_back() -> Result<()> {
             for (what, list) in [("replicas", "REPLICAS"), ("sentinels", "SENTINELS")] {
                 let reply = resp::query(port, None, &["SENTINEL", list, store])?;
                 let mut up = 0;
-                for entry in reply.items() {
+                for entry in resp::items(&reply) {
                     let pairs = resp::pairs(entry);
                     let flags = pairs
                         .iter()
@@ -187,7 +177,7 @@ pub fn saga_sets() -> Result<(Vec<String>, Vec<String>)> {
     let master = master_port("saga")?;
     let members = |key: &str| -> Result<Vec<String>> {
         let reply = resp::query(master, None, &["SMEMBERS", key])?;
-        let mut v: Vec<String> = reply.items().iter().filter_map(|r| r.as_text()).collect();
+        let mut v: Vec<String> = resp::items(&reply).iter().filter_map(resp::text).collect();
         v.sort();
         Ok(v)
     };
