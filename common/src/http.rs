@@ -66,7 +66,45 @@ pub fn with_ops(business: Router, ready: ReadinessProbe, metrics: PrometheusHand
                 Json(serde_json::json!({"error": "method not allowed on this path"})),
             )
         })
+        .layer(axum::middleware::map_response(json_error_body))
         .layer(axum::middleware::from_fn(crate::telemetry::track_http))
+}
+
+/// The longest error text [`json_error_body`] carries over; axum's own are one line.
+const ERROR_TEXT_LIMIT: usize = 16 * 1024;
+
+/// Every error body is JSON (API.md). Ours are ([`ApiError`]), but axum answers a few
+/// malformed requests itself before any handler runs, in plain text: a path parameter that
+/// is not UTF-8 (`/find/%FF`), for one. Any error answer that is not JSON becomes
+/// `{"error": "<its text>"}` with the same status and headers.
+async fn json_error_body(response: Response) -> Response {
+    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    use axum::http::HeaderValue;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, ERROR_TEXT_LIMIT)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let reason = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        text
+    };
+    parts.headers.remove(CONTENT_LENGTH);
+    parts
+        .headers
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let body = serde_json::json!({ "error": reason }).to_string();
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 /// A path with an empty segment (`/add/7/`) is malformed input: 400. Anything else unknown: 404.
@@ -119,4 +157,52 @@ async fn shutdown_signal() {
         _ = terminate => {},
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::extract::Path;
+
+    /// A real server with the ops layers around one route that takes a `Path<String>`.
+    async fn serve_test_app() -> String {
+        let business = Router::new().route(
+            "/find/{id}",
+            get(|Path(id): Path<String>| async move { id }),
+        );
+        let ready: ReadinessProbe = Arc::new(|| Box::pin(async { Ok(()) }));
+        let app = with_ops(business, ready, crate::telemetry::init_metrics());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        base
+    }
+
+    async fn get_text(url: String) -> (u16, String) {
+        tokio::task::spawn_blocking(move || {
+            let r = xtask::http_get(&url, Duration::from_secs(5)).unwrap();
+            (r.status, r.body)
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn axums_own_rejections_answer_json_errors() {
+        let base = serve_test_app().await;
+        // A path parameter that is not UTF-8: axum refuses it before the handler, in text.
+        let (status, body) = get_text(format!("{base}/find/%FF")).await;
+        assert_eq!(status, 400);
+        let body: serde_json::Value = serde_json::from_str(&body).expect("a JSON body");
+        let reason = body["error"].as_str().unwrap();
+        assert!(reason.contains("UTF-8"), "{reason}");
+        // Unknown routes and empty segments were JSON already; success is left alone.
+        let (status, body) = get_text(format!("{base}/find//x")).await;
+        assert_eq!(status, 400);
+        assert!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"].is_string());
+        assert_eq!(
+            get_text(format!("{base}/find/abc")).await,
+            (200, "abc".into())
+        );
+    }
 }

@@ -249,23 +249,125 @@ pub async fn once(
     transact_once(store, idem, &[], |conn| async move { (conn, Ok(make())) }).await
 }
 
-/// For work too large for one MULTI/EXEC (`batch_init`): the first answer if
-/// the key was seen, else runs `work` and records its answer afterwards. Not
-/// atomic: a crash between the work and the record lets a retry run the work
-/// again, which is why only overwriting (idempotent) work may use it.
+/// How long a claim of [`once_after`] lasts unless renewed: the work renews it every
+/// [`CLAIM_RENEW`] while it runs, so a claim outlives its holder by at most this much.
+const CLAIM_TTL: Duration = Duration::from_secs(30);
+const CLAIM_RENEW: Duration = Duration::from_secs(10);
+/// How long a repeat waits for the running first request's answer before it answers 503.
+/// Below the gateway's read timeout (60 s), so the 503 reaches the client.
+const CLAIM_WAIT: Duration = Duration::from_secs(20);
+const CLAIM_POLL: Duration = Duration::from_millis(100);
+
+/// What [`once_after`] found under the key.
+enum Claim {
+    Answered(Answer),
+    /// Another request with this key is running the work.
+    Running,
+    /// This request claimed the key and runs the work.
+    Ours,
+}
+
+/// For work too large for one MULTI/EXEC (`batch_init`): the first answer if the key was
+/// seen; else the key is claimed (a record of its own, `<key>:running`, renewed while the
+/// work runs), the work runs, and its answer is recorded as the claim is released. A repeat
+/// that arrives while the first runs (a client's retry after its own timeout, the gateway's
+/// retry on another instance) waits for the first's answer instead of running the work a
+/// second time, or answers 503 if none comes within [`CLAIM_WAIT`]. Not atomic: a crash
+/// between the work and the record lets a retry run the work again once the claim lapses,
+/// which is why only overwriting work may use it.
 pub async fn once_after(
     store: &Store,
     idem: &IdemKey,
     work: impl Future<Output = Result<Answer, ApiError>>,
 ) -> Result<Answer, ApiError> {
-    if let Some(first) = recorded(store, idem).await? {
-        return Ok(first);
+    let idem_key = idem.redis_key();
+    let claim_key = format!("{idem_key}:running");
+    let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
+    loop {
+        match claim(store, &idem_key, &claim_key).await? {
+            Claim::Answered(first) => return Ok(first),
+            Claim::Ours => return run_claimed(store, idem, &claim_key, work).await,
+            Claim::Running if tokio::time::Instant::now() >= deadline => {
+                return Err(ApiError::Unavailable(
+                    "a request with this Idempotency-Key is still being applied; \
+                     retry with the same key"
+                        .into(),
+                ))
+            }
+            // The first request's answer comes, or its claim goes (it failed, or its
+            // instance died): either way the next look tells.
+            Claim::Running => tokio::time::sleep(CLAIM_POLL).await,
+        }
     }
-    let answer = work.await?;
+}
+
+/// Looks at the key's record and claim, and claims the key when neither is there.
+async fn claim(store: &Store, idem_key: &str, claim_key: &str) -> Result<Claim, StoreError> {
+    let watched = [idem_key.to_string(), claim_key.to_string()];
+    store
+        .transact(&watched, |mut conn| async move {
+            match replay(&mut conn, idem_key).await {
+                Err(e) => return (conn, Err(e)),
+                Ok(Some(first)) => return (conn, Ok(Tx::Abort(Claim::Answered(first)))),
+                Ok(None) => {}
+            }
+            let running: Result<bool, _> = redis::cmd("EXISTS")
+                .arg(claim_key)
+                .query_async(&mut conn)
+                .await
+                .map_err(StoreError::Redis);
+            let decision = running.map(|running| {
+                if running {
+                    Tx::Abort(Claim::Running)
+                } else {
+                    let mut writes = redis::pipe();
+                    writes
+                        .set(claim_key, 1)
+                        .arg("PX")
+                        .arg(CLAIM_TTL.as_millis() as u64);
+                    Tx::Commit(writes, Claim::Ours)
+                }
+            });
+            (conn, decision)
+        })
+        .await
+}
+
+/// Runs `work` under this request's claim, renewing it meanwhile; records the answer
+/// and releases the claim in one write. A failed run records nothing (bad input is
+/// refused before, a failure is a 503) and releases the claim: the retry runs the work.
+async fn run_claimed(
+    store: &Store,
+    idem: &IdemKey,
+    claim_key: &str,
+    work: impl Future<Output = Result<Answer, ApiError>>,
+) -> Result<Answer, ApiError> {
+    let renew = async {
+        loop {
+            tokio::time::sleep(CLAIM_RENEW).await;
+            let renewed = store
+                .query::<i64>(
+                    redis::cmd("PEXPIRE")
+                        .arg(claim_key)
+                        .arg(CLAIM_TTL.as_millis() as u64),
+                )
+                .await;
+            if let Err(e) = renewed {
+                tracing::warn!(error = %e, "could not renew the claim of a running request");
+            }
+        }
+    };
+    let done = tokio::select! {
+        done = work => done,
+        () = renew => unreachable!("the renewal never ends"),
+    };
     let mut writes = redis::pipe();
-    idem.record(&mut writes, &answer);
+    if let Ok(answer) = &done {
+        idem.record(&mut writes, answer);
+    }
+    writes.del(claim_key);
     store.write(&writes).await?;
-    Ok(answer)
+    done
 }
 
 #[cfg(test)]

@@ -229,14 +229,19 @@ impl Orchestrator {
         // saga) already: the first answer stands.
         let mut replayed = false;
         for _ in 0..BEGIN_TRIES {
-            let mut order = self.orders.find_for_checkout(order_id).await?;
+            let Some(mut order) = self.find_or_none(order_id).await? else {
+                return self.not_found(order_id, idem).await;
+            };
             if !replayed && (order.paid || order.checkout.is_some()) {
                 replayed = true;
                 if let Some(first) = self.replay(idem, deadline).await? {
                     return Ok(first);
                 }
                 // It may have changed while the key's saga was waited for.
-                order = self.orders.find_for_checkout(order_id).await?;
+                let Some(now) = self.find_or_none(order_id).await? else {
+                    return self.not_found(order_id, idem).await;
+                };
+                order = now;
             }
             if order.paid {
                 return self.answer_paid(order_id, idem).await;
@@ -301,13 +306,34 @@ impl Orchestrator {
                 }
                 Freeze::NotFound => {
                     self.abandon(&saga).await?;
-                    return Err(ApiError::NotFound(format!("order {order_id} not found")));
+                    return self.not_found(order_id, idem).await;
                 }
             }
         }
         Err(ApiError::Unavailable(format!(
             "order {order_id}: every checkout this one waited for was abandoned; retry"
         )))
+    }
+
+    /// The order, or `None` when there is no such order.
+    async fn find_or_none(&self, order_id: &OrderId) -> Result<Option<Order>, ApiError> {
+        match self.orders.find_for_checkout(order_id).await {
+            Ok(order) => Ok(Some(order)),
+            Err(ApiError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A checkout of an order that does not exist: 404, recorded under the key
+    /// (unless the key answered something first), so that a repeat once the
+    /// order exists still gets the first answer (API.md).
+    async fn not_found(&self, order_id: &OrderId, idem: &IdemKey) -> Result<Answer, ApiError> {
+        if let Recorded::Answer(first) = self.sagas.recorded(idem).await? {
+            return Ok(first);
+        }
+        let answer = Answer::refusal(&ApiError::NotFound(format!("order {order_id} not found")));
+        self.sagas.record_answer(idem, &answer).await?;
+        Ok(answer)
     }
 
     /// The answer first recorded under the checkout's key, waiting for the

@@ -563,6 +563,15 @@ async fn a_checkout_repeated_with_its_key_returns_the_first_answer(amqp: &str) {
     let (status, _) = f.post_with_key(&add, "").await;
     assert_eq!(status, 400);
     assert_eq!(f.credit_of(&user).await, 105);
+    // A 404 is a first answer too: the order created since does not turn the key's
+    // repeat into a checkout; another key checks it out.
+    let missing = format!("{}/checkout/0", f.order);
+    let first = f.post_with_key(&missing, "key-3").await;
+    assert_eq!(first.0, 404, "{first:?}");
+    f.post_ok(&format!("{}/batch_init/1/1/1/1", f.order)).await;
+    assert_eq!(f.post_with_key(&missing, "key-3").await, first);
+    let other = f.post_with_key(&missing, "key-4").await;
+    assert_ne!(other.0, 404, "{other:?}");
 }
 
 /// Begins a saga as an order instance that then dies: record written with a
