@@ -250,59 +250,88 @@ pub async fn once(
 }
 
 /// How long a claim of [`once_after`] lasts unless renewed: the work renews it every
-/// [`CLAIM_RENEW`] while it runs, so a claim outlives its holder by at most this much.
-const CLAIM_TTL: Duration = Duration::from_secs(30);
-const CLAIM_RENEW: Duration = Duration::from_secs(10);
+/// [`CLAIM_RENEW`] while it runs, so a claim outlives its holder (an instance that died, a
+/// request dropped when its client hung up) by at most this much.
+const CLAIM_TTL: Duration = Duration::from_secs(10);
+const CLAIM_RENEW: Duration = Duration::from_secs(3);
 /// How long a repeat waits for the running first request's answer before it answers 503.
-/// Below the gateway's read timeout (60 s), so the 503 reaches the client.
-const CLAIM_WAIT: Duration = Duration::from_secs(20);
+/// Longer than [`CLAIM_TTL`], so a repeat outlasts the claim of a holder that is gone and
+/// runs the work itself; below the gateway's read timeout (60 s), so the 503 reaches the
+/// client.
+const CLAIM_WAIT: Duration = Duration::from_secs(25);
 const CLAIM_POLL: Duration = Duration::from_millis(100);
+
+/// Renews a claim only while it is still ours (it may have lapsed and been taken).
+const RENEW_IF_OURS: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
+/// Releases a claim only while it is still ours.
+const RELEASE_IF_OURS: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
 /// What [`once_after`] found under the key.
 enum Claim {
     Answered(Answer),
     /// Another request with this key is running the work.
     Running,
-    /// This request claimed the key and runs the work.
+    /// This request holds the claim (taken now, or by an earlier try of the same call whose
+    /// EXEC applied but whose reply was lost).
     Ours,
 }
 
 /// For work too large for one MULTI/EXEC (`batch_init`): the first answer if the key was
-/// seen; else the key is claimed (a record of its own, `<key>:running`, renewed while the
-/// work runs), the work runs, and its answer is recorded as the claim is released. A repeat
-/// that arrives while the first runs (a client's retry after its own timeout, the gateway's
-/// retry on another instance) waits for the first's answer instead of running the work a
-/// second time, or answers 503 if none comes within [`CLAIM_WAIT`]. Not atomic: a crash
-/// between the work and the record lets a retry run the work again once the claim lapses,
-/// which is why only overwriting work may use it.
+/// seen; else the key is claimed (a record of its own, `claim:<record key>`, holding a token
+/// of this call, renewed while the work runs), the work runs, and its answer is recorded as
+/// the claim is released. A repeat that arrives while the first runs (a client's retry after
+/// its own timeout, the gateway's retry on another instance) waits for the first's answer
+/// instead of running the work a second time; it takes the key over once the claim lapses
+/// (its holder is gone), and answers 503 if neither happens within [`CLAIM_WAIT`]. Not
+/// atomic: a holder that dies mid-work leaves what it wrote, and the retry runs the work
+/// again, which is why only overwriting work may use it.
 pub async fn once_after(
     store: &Store,
     idem: &IdemKey,
     work: impl Future<Output = Result<Answer, ApiError>>,
 ) -> Result<Answer, ApiError> {
     let idem_key = idem.redis_key();
-    let claim_key = format!("{idem_key}:running");
+    // Client keys may hold ':' but every record key starts with "idem:": no key a client
+    // chooses names a claim.
+    let claim_key = format!("claim:{idem_key}");
+    let token = uuid::Uuid::new_v4().simple().to_string();
     let deadline = tokio::time::Instant::now() + CLAIM_WAIT;
     loop {
-        match claim(store, &idem_key, &claim_key).await? {
+        match claim(store, &idem_key, &claim_key, &token).await? {
             Claim::Answered(first) => return Ok(first),
-            Claim::Ours => return run_claimed(store, idem, &claim_key, work).await,
-            Claim::Running if tokio::time::Instant::now() >= deadline => {
+            Claim::Ours => return run_claimed(store, idem, &claim_key, &token, work).await,
+            Claim::Running => {}
+        }
+        // Cheap looks (no WAIT) until the claim goes: the first answer was recorded, or
+        // the holder failed or is gone; the next round of `claim` tells which.
+        loop {
+            if tokio::time::Instant::now() >= deadline {
                 return Err(ApiError::Unavailable(
                     "a request with this Idempotency-Key is still being applied; \
                      retry with the same key"
                         .into(),
-                ))
+                ));
             }
-            // The first request's answer comes, or its claim goes (it failed, or its
-            // instance died): either way the next look tells.
-            Claim::Running => tokio::time::sleep(CLAIM_POLL).await,
+            tokio::time::sleep(CLAIM_POLL).await;
+            let held: bool = store.query(redis::cmd("EXISTS").arg(&claim_key)).await?;
+            if !held {
+                break;
+            }
         }
     }
 }
 
-/// Looks at the key's record and claim, and claims the key when neither is there.
-async fn claim(store: &Store, idem_key: &str, claim_key: &str) -> Result<Claim, StoreError> {
+/// Looks at the key's record and claim, and claims the key with `token` when neither is
+/// there. A claim that already holds `token` is ours: `transact` runs this again when a
+/// try's outcome is unknown (a lost EXEC reply, a WAIT no replica confirmed).
+async fn claim(
+    store: &Store,
+    idem_key: &str,
+    claim_key: &str,
+    token: &str,
+) -> Result<Claim, StoreError> {
     let watched = [idem_key.to_string(), claim_key.to_string()];
     store
         .transact(&watched, |mut conn| async move {
@@ -311,18 +340,18 @@ async fn claim(store: &Store, idem_key: &str, claim_key: &str) -> Result<Claim, 
                 Ok(Some(first)) => return (conn, Ok(Tx::Abort(Claim::Answered(first)))),
                 Ok(None) => {}
             }
-            let running: Result<bool, _> = redis::cmd("EXISTS")
+            let holder: Result<Option<String>, _> = redis::cmd("GET")
                 .arg(claim_key)
                 .query_async(&mut conn)
                 .await
                 .map_err(StoreError::Redis);
-            let decision = running.map(|running| {
-                if running {
-                    Tx::Abort(Claim::Running)
-                } else {
+            let decision = holder.map(|holder| match holder {
+                Some(held) if held == token => Tx::Abort(Claim::Ours),
+                Some(_) => Tx::Abort(Claim::Running),
+                None => {
                     let mut writes = redis::pipe();
                     writes
-                        .set(claim_key, 1)
+                        .set(claim_key, token)
                         .arg("PX")
                         .arg(CLAIM_TTL.as_millis() as u64);
                     Tx::Commit(writes, Claim::Ours)
@@ -333,13 +362,15 @@ async fn claim(store: &Store, idem_key: &str, claim_key: &str) -> Result<Claim, 
         .await
 }
 
-/// Runs `work` under this request's claim, renewing it meanwhile; records the answer
-/// and releases the claim in one write. A failed run records nothing (bad input is
-/// refused before, a failure is a 503) and releases the claim: the retry runs the work.
+/// Runs `work` under this call's claim, renewing it meanwhile; records the answer and
+/// releases the claim (if still ours) in one write. A run that fails (bad input the work
+/// itself finds, or a 503) records nothing, as neither is ever recorded, and releases the
+/// claim: the retry runs the work.
 async fn run_claimed(
     store: &Store,
     idem: &IdemKey,
     claim_key: &str,
+    token: &str,
     work: impl Future<Output = Result<Answer, ApiError>>,
 ) -> Result<Answer, ApiError> {
     let renew = async {
@@ -347,13 +378,23 @@ async fn run_claimed(
             tokio::time::sleep(CLAIM_RENEW).await;
             let renewed = store
                 .query::<i64>(
-                    redis::cmd("PEXPIRE")
+                    redis::cmd("EVAL")
+                        .arg(RENEW_IF_OURS)
+                        .arg(1)
                         .arg(claim_key)
+                        .arg(token)
                         .arg(CLAIM_TTL.as_millis() as u64),
                 )
                 .await;
-            if let Err(e) = renewed {
-                tracing::warn!(error = %e, "could not renew the claim of a running request");
+            match renewed {
+                Ok(1) => {}
+                Ok(_) => tracing::warn!(
+                    claim = claim_key,
+                    "the claim of a running request lapsed: a repeat may run it too"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not renew the claim of a running request")
+                }
             }
         }
     };
@@ -365,7 +406,13 @@ async fn run_claimed(
     if let Ok(answer) = &done {
         idem.record(&mut writes, answer);
     }
-    writes.del(claim_key);
+    writes
+        .cmd("EVAL")
+        .arg(RELEASE_IF_OURS)
+        .arg(1)
+        .arg(claim_key)
+        .arg(token)
+        .ignore();
     store.write(&writes).await?;
     done
 }

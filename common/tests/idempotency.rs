@@ -1,6 +1,7 @@
 //! `once_after` (work too large for one MULTI/EXEC, `batch_init`) against a real
 //! redis-server: a repeat that arrives while the first request runs waits for its
-//! answer instead of running the work again, and a failed run leaves the key free.
+//! answer instead of running the work again, a failed run leaves the key free, and a
+//! claim whose EXEC reply was lost is still this call's own.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -8,11 +9,13 @@ use std::time::Duration;
 
 use common::error::ApiError;
 use common::idempotency::{once_after, Answer, IdemKey};
+use common::redis_store::{RedisTarget, Store};
 use serde_json::json;
 
 mod support;
 
 use support::Fixture;
+use xtask::{free_port, FaultProxy, RedisServer, ScratchDir};
 
 /// Work that counts its runs, takes a while and answers with its run number.
 async fn counted_work(runs: &AtomicUsize) -> Result<Answer, ApiError> {
@@ -65,5 +68,60 @@ async fn a_failed_run_leaves_the_key_to_the_retry() {
     let runs = AtomicUsize::new(0);
     let retried = once_after(&store, &key, counted_work(&runs)).await.unwrap();
     assert_eq!(retried, Answer::ok(json!({ "run": 1 })));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_claim_whose_exec_reply_was_lost_is_still_ours() {
+    let dir = ScratchDir::new("idempotency-lost-claim").unwrap();
+    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let proxy = FaultProxy::start(redis.port()).unwrap();
+    let through_proxy = RedisTarget::Direct {
+        url: format!("redis://127.0.0.1:{}/", proxy.port()),
+    };
+    let store = Store::new(&through_proxy, Duration::from_millis(10)).unwrap();
+    let key = IdemKey::from_client("k-4", "/batch_init/10/1/1/1").unwrap();
+    // The claim's EXEC applies, its reply is lost, and the store tries again: that try
+    // finds the claim taken, by this very call. Taking it for someone else's would wait
+    // for the claim to lapse (10 s) or answer 503.
+    proxy.drop_reply_after(b"EXEC");
+    let runs = AtomicUsize::new(0);
+    let started = std::time::Instant::now();
+    let answer = once_after(&store, &key, counted_work(&runs)).await.unwrap();
+    assert_eq!(proxy.fired(), 1, "the claim's EXEC reply was not dropped");
+    assert_eq!(answer, Answer::ok(json!({ "run": 1 })));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "waited on its own claim for {:?}",
+        started.elapsed()
+    );
+    // Released with the answer: a repeat gets the answer, and no claim is left.
+    let held: bool = store
+        .query(redis::cmd("EXISTS").arg(format!("claim:{}", key.redis_key())))
+        .await
+        .unwrap();
+    assert!(!held);
+}
+
+#[tokio::test]
+async fn the_claim_of_a_holder_that_is_gone_is_taken_over_once_it_lapses() {
+    let fixture = Fixture::start("idempotency-takeover");
+    let store = fixture.store();
+    let key = IdemKey::from_client("k-5", "/batch_init/10/1/1/1").unwrap();
+    // A claim whose holder died: nobody renews it, so it lapses.
+    let _: () = store
+        .query(
+            redis::cmd("SET")
+                .arg(format!("claim:{}", key.redis_key()))
+                .arg("a-dead-instance")
+                .arg("PX")
+                .arg(800),
+        )
+        .await
+        .unwrap();
+    let runs = AtomicUsize::new(0);
+    let answer = once_after(&store, &key, counted_work(&runs)).await.unwrap();
+    assert_eq!(answer, Answer::ok(json!({ "run": 1 })));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }

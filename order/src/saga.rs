@@ -230,7 +230,7 @@ impl Orchestrator {
         let mut replayed = false;
         for _ in 0..BEGIN_TRIES {
             let Some(mut order) = self.find_or_none(order_id).await? else {
-                return self.not_found(order_id, idem).await;
+                return self.not_found(order_id, idem, deadline).await;
             };
             if !replayed && (order.paid || order.checkout.is_some()) {
                 replayed = true;
@@ -239,7 +239,7 @@ impl Orchestrator {
                 }
                 // It may have changed while the key's saga was waited for.
                 let Some(now) = self.find_or_none(order_id).await? else {
-                    return self.not_found(order_id, idem).await;
+                    return self.not_found(order_id, idem, deadline).await;
                 };
                 order = now;
             }
@@ -306,7 +306,7 @@ impl Orchestrator {
                 }
                 Freeze::NotFound => {
                     self.abandon(&saga).await?;
-                    return self.not_found(order_id, idem).await;
+                    return self.not_found(order_id, idem, deadline).await;
                 }
             }
         }
@@ -325,15 +325,32 @@ impl Orchestrator {
     }
 
     /// A checkout of an order that does not exist: 404, recorded under the key
-    /// (unless the key answered something first), so that a repeat once the
-    /// order exists still gets the first answer (API.md).
-    async fn not_found(&self, order_id: &OrderId, idem: &IdemKey) -> Result<Answer, ApiError> {
-        if let Recorded::Answer(first) = self.sagas.recorded(idem).await? {
-            return Ok(first);
-        }
+    /// so that a repeat once the order exists still gets the first answer
+    /// (API.md). What the key recorded first stands: an answer, or a saga a
+    /// request with the same key began meanwhile (its answer, once it has one).
+    async fn not_found(
+        &self,
+        order_id: &OrderId,
+        idem: &IdemKey,
+        deadline: Instant,
+    ) -> Result<Answer, ApiError> {
         let answer = Answer::refusal(&ApiError::NotFound(format!("order {order_id} not found")));
-        self.sagas.record_answer(idem, &answer).await?;
-        Ok(answer)
+        let mut over = None;
+        for _ in 0..BEGIN_TRIES {
+            match self.sagas.record_first_answer(idem, &answer, over).await? {
+                Recorded::Saga(saga) => match self.wait_for(saga, deadline).await? {
+                    Some(first) => return Ok(first),
+                    // It ended without an answer (this checkout's own, abandoned).
+                    None => over = Some(saga),
+                },
+                Recorded::Answer(first) => return Ok(first),
+                // Not returned by record_first_answer.
+                Recorded::Nothing => return Ok(answer),
+            }
+        }
+        Err(ApiError::Unavailable(format!(
+            "order {order_id}: the checkouts under this key did not settle; retry"
+        )))
     }
 
     /// The answer first recorded under the checkout's key, waiting for the

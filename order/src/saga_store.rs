@@ -393,6 +393,7 @@ pub enum Progress {
 }
 
 /// What the checkout's idempotency key has recorded so far.
+#[derive(Debug)]
 pub enum Recorded {
     Nothing,
     Answer(Answer),
@@ -532,6 +533,40 @@ impl SagaStore {
         let mut writes = redis::pipe();
         idem.record(&mut writes, answer);
         self.store.write(&writes).await
+    }
+
+    /// Records `answer` under a checkout's key unless something else stands there: returns
+    /// the answer that stands (this one, or the first), or the saga the key points at. A
+    /// key that points at `over` (a saga that ended without an answer) is recorded over.
+    /// One WATCHed transaction, so a begin under the same key in between is never
+    /// overwritten. Never [`Recorded::Nothing`].
+    pub async fn record_first_answer(
+        &self,
+        idem: &IdemKey,
+        answer: &Answer,
+        over: Option<SagaId>,
+    ) -> Result<Recorded, StoreError> {
+        let idem_key = idem.redis_key();
+        let (key, answer) = (&idem_key, answer);
+        self.store
+            .transact(std::slice::from_ref(&idem_key), |mut conn| async move {
+                let raw: Result<Option<String>, _> = redis::cmd("GET")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(StoreError::Redis);
+                let decision = raw.map(|raw| match parse_recorded(raw.as_deref()) {
+                    Recorded::Saga(saga) if Some(saga) != over => Tx::Abort(Recorded::Saga(saga)),
+                    Recorded::Answer(first) => Tx::Abort(Recorded::Answer(first)),
+                    Recorded::Nothing | Recorded::Saga(_) => {
+                        let mut writes = redis::pipe();
+                        idem.record(&mut writes, answer);
+                        Tx::Commit(writes, Recorded::Answer(answer.clone()))
+                    }
+                });
+                (conn, decision)
+            })
+            .await
     }
 
     /// Writes the saga's record and lease, and points the checkout's key at

@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use common::error::ApiError;
-use common::idempotency::Answer;
+use common::idempotency::{Answer, IdemKey};
 use common::messages::{Line, Step};
 use common::types::{Amount, ItemId, OrderId, SagaId, UserId};
 use order::saga_store::{
-    Begin, Decision, End, Logged, Progress, SagaRecord, SagaState, SagaStore, StepLog,
+    Begin, Decision, End, Logged, Progress, Recorded, SagaRecord, SagaState, SagaStore, StepLog,
     RETENTION_SECS,
 };
 use redis::Value;
@@ -69,6 +69,55 @@ async fn the_first_answer_of_a_saga_stands() {
         resp::text(&recorded),
         Some(first.encode()),
         "the checkout's key holds the first answer"
+    );
+}
+
+/// A checkout's 404 is recorded under its key only where nothing stands: a saga that a
+/// request with the same key began meanwhile is not overwritten (its answer will be the
+/// key's), unless it ended without one; an answer recorded first stays.
+#[tokio::test]
+async fn a_404_never_overwrites_what_its_key_recorded_first() {
+    let dir = ScratchDir::new("saga-store-404").unwrap();
+    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let sagas = SagaStore::new(direct_store(&redis.url()));
+    let idem = IdemKey::from_client("k-404", "/checkout/o-1").unwrap();
+    let saga = record(&idem.redis_key());
+    let begun = sagas
+        .begin(&saga, "instance-a", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(matches!(begun, Begin::Started));
+    let not_found = Answer::refusal(&ApiError::NotFound("order o-1 not found".into()));
+    let stands = sagas
+        .record_first_answer(&idem, &not_found, None)
+        .await
+        .unwrap();
+    assert!(
+        matches!(stands, Recorded::Saga(id) if id == saga.id),
+        "{stands:?}"
+    );
+    assert_eq!(
+        resp::text(&redis.command(&["GET", &idem.redis_key()]).unwrap()),
+        Some(format!("saga:{}", saga.id)),
+        "the key no longer points at its saga"
+    );
+    // That saga ended without an answer: the 404 is recorded over it, and then stays.
+    let stands = sagas
+        .record_first_answer(&idem, &not_found, Some(saga.id))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&stands, Recorded::Answer(a) if *a == not_found),
+        "{stands:?}"
+    );
+    let other = Answer::refusal(&ApiError::NotFound("something else".into()));
+    let stands = sagas
+        .record_first_answer(&idem, &other, None)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&stands, Recorded::Answer(a) if *a == not_found),
+        "{stands:?}"
     );
 }
 

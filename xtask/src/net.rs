@@ -16,13 +16,9 @@ use anyhow::{bail, Context, Result};
 const PICK_RANGE: std::ops::Range<u16> = 10_000..25_000;
 const RESERVED: std::ops::RangeInclusive<u16> = 15_670..=15_680;
 
-/// How long a claim of [`claim_port`] holds off other processes: a test run's servers are long
-/// gone by then, and the ports are handed out again.
-const CLAIM_LIFETIME: Duration = Duration::from_secs(3600);
-
 /// A port on 127.0.0.1 that is free now, that this process has not handed out before and that
-/// no other process using this function claimed within the hour. Something else may still
-/// take it before you bind it: rare enough for tests.
+/// no other running process handed out through this function. Something else may still take
+/// it before you bind it: rare enough for tests.
 pub fn free_port() -> u16 {
     use std::collections::HashSet;
     use std::sync::Mutex;
@@ -49,30 +45,33 @@ pub fn free_port() -> u16 {
 
 /// Claims `port` among processes: `cargo test` runs test binaries side by side, and two of them
 /// could both find a port free and both start a server on it (a CI run failed so: "port ...
-/// is already in use"). A claim is a file created exclusively in a directory under the
-/// system's temp dir; one older than [`CLAIM_LIFETIME`] is stale and taken over. Without a
-/// usable temp dir every port counts as claimed by us (the bind probe alone decides).
+/// is already in use"). A claim is an exclusive `flock` on a file named after the port, in a
+/// directory under the system's temp dir, held until this process exits (the kernel drops
+/// it then, however the process ends). Without a usable temp dir every port counts as
+/// claimed by us (the bind probe alone decides).
 fn claim_port(port: u16) -> bool {
-    use std::fs::{self, OpenOptions};
-    use std::io::ErrorKind;
+    use std::fs::{self, File, OpenOptions};
+    use std::os::fd::AsRawFd;
+    use std::sync::Mutex;
+    static HELD: Mutex<Vec<File>> = Mutex::new(Vec::new());
     let dir = std::env::temp_dir().join("xtask-port-claims");
     if fs::create_dir_all(&dir).is_err() {
         return true;
     }
-    let path = dir.join(port.to_string());
-    let create = || OpenOptions::new().write(true).create_new(true).open(&path);
-    match create() {
-        Ok(_) => true,
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-            let stale = fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .map(|t| t.elapsed().unwrap_or_default() > CLAIM_LIFETIME)
-                .unwrap_or(false);
-            // Of two processes taking over one stale claim, only one creates the new file.
-            stale && fs::remove_file(&path).is_ok() && create().is_ok()
-        }
-        Err(_) => true,
+    let Ok(file) = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(port.to_string()))
+    else {
+        return true;
+    };
+    // SAFETY: flock on a descriptor this function owns; it stays open in HELD.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    if locked {
+        HELD.lock().unwrap_or_else(|e| e.into_inner()).push(file);
     }
+    locked
 }
 
 /// A pseudo-random number in `range` (std's randomly keyed hasher, fed with a counter).
@@ -167,20 +166,18 @@ mod tests {
     fn a_claimed_port_is_not_claimed_again() {
         let port = free_port();
         assert!(!claim_port(port), "{port} was handed out, so it is claimed");
+        // Another process sees the claim as well: `flock` from a shell on the same file.
         let claim = std::env::temp_dir()
             .join("xtask-port-claims")
             .join(port.to_string());
-        assert!(claim.exists());
-        // A stale claim (its run is over) is taken over.
-        let old = std::time::SystemTime::now() - CLAIM_LIFETIME - Duration::from_secs(60);
-        std::fs::File::options()
-            .write(true)
-            .open(&claim)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
-        assert!(claim_port(port));
-        assert!(!claim_port(port));
+        let other = std::process::Command::new("flock")
+            .args(["--nonblock", "--exclusive"])
+            .arg(&claim)
+            .arg("true")
+            .status();
+        if let Ok(status) = other {
+            assert!(!status.success(), "another process could take the claim");
+        }
     }
 
     #[test]
