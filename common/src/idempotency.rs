@@ -104,6 +104,18 @@ impl IdemKey {
             .set_ex(self.redis_key(), answer.encode(), self.ttl_secs())
             .ignore();
     }
+
+    /// Like [`IdemKey::record`], but an answer recorded first stays (`SET ... NX`).
+    pub fn record_if_none(&self, writes: &mut redis::Pipeline, answer: &Answer) {
+        writes
+            .cmd("SET")
+            .arg(self.redis_key())
+            .arg(answer.encode())
+            .arg("EX")
+            .arg(self.ttl_secs())
+            .arg("NX")
+            .ignore();
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for IdemKey {
@@ -362,10 +374,12 @@ async fn claim(
         .await
 }
 
-/// Runs `work` under this call's claim, renewing it meanwhile; records the answer and
-/// releases the claim (if still ours) in one write. A run that fails (bad input the work
-/// itself finds, or a 503) records nothing, as neither is ever recorded, and releases the
-/// claim: the retry runs the work.
+/// Runs `work` under this call's claim, renewing it until the answer is written (from the
+/// start: taking the claim may have used much of its lifetime); records the answer, unless
+/// one stands already, and releases the claim (if still ours) in one write. A run that
+/// fails (bad input the work itself finds, or a 503) records nothing, as neither is ever
+/// recorded, and releases the claim: the retry runs the work. A claim found lost (it lapsed
+/// and a repeat took it) stops the work with a 503 rather than run it beside the repeat.
 async fn run_claimed(
     store: &Store,
     idem: &IdemKey,
@@ -373,9 +387,11 @@ async fn run_claimed(
     token: &str,
     work: impl Future<Output = Result<Answer, ApiError>>,
 ) -> Result<Answer, ApiError> {
-    let renew = async {
+    // Set once the work is done: the write that records and releases is under way, so a
+    // renewal that finds the claim gone found it released, not lost.
+    let releasing = std::sync::atomic::AtomicBool::new(false);
+    let held = async {
         loop {
-            tokio::time::sleep(CLAIM_RENEW).await;
             let renewed = store
                 .query::<i64>(
                     redis::cmd("EVAL")
@@ -388,33 +404,45 @@ async fn run_claimed(
                 .await;
             match renewed {
                 Ok(1) => {}
-                Ok(_) => tracing::warn!(
-                    claim = claim_key,
-                    "the claim of a running request lapsed: a repeat may run it too"
-                ),
+                Ok(_) if releasing.load(std::sync::atomic::Ordering::SeqCst) => {
+                    std::future::pending::<()>().await
+                }
+                Ok(_) => return,
                 Err(e) => {
                     tracing::warn!(error = %e, "could not renew the claim of a running request")
                 }
             }
+            tokio::time::sleep(CLAIM_RENEW).await;
         }
     };
-    let done = tokio::select! {
-        done = work => done,
-        () = renew => unreachable!("the renewal never ends"),
+    let run = async {
+        let done = work.await;
+        releasing.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut writes = redis::pipe();
+        if let Ok(answer) = &done {
+            idem.record_if_none(&mut writes, answer);
+        }
+        writes
+            .cmd("EVAL")
+            .arg(RELEASE_IF_OURS)
+            .arg(1)
+            .arg(claim_key)
+            .arg(token)
+            .ignore();
+        store.write(&writes).await?;
+        done
     };
-    let mut writes = redis::pipe();
-    if let Ok(answer) = &done {
-        idem.record(&mut writes, answer);
+    tokio::select! {
+        biased;
+        done = run => done,
+        () = held => {
+            tracing::warn!(claim = claim_key, "the claim of a running request was lost; stopped");
+            Err(ApiError::Unavailable(
+                "this request lost its claim on its Idempotency-Key; retry with the same key"
+                    .into(),
+            ))
+        }
     }
-    writes
-        .cmd("EVAL")
-        .arg(RELEASE_IF_OURS)
-        .arg(1)
-        .arg(claim_key)
-        .arg(token)
-        .ignore();
-    store.write(&writes).await?;
-    done
 }
 
 #[cfg(test)]

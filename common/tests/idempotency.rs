@@ -121,7 +121,68 @@ async fn the_claim_of_a_holder_that_is_gone_is_taken_over_once_it_lapses() {
         .await
         .unwrap();
     let runs = AtomicUsize::new(0);
+    let started = std::time::Instant::now();
     let answer = once_after(&store, &key, counted_work(&runs)).await.unwrap();
     assert_eq!(answer, Answer::ok(json!({ "run": 1 })));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // It waited for the claim to lapse (800 ms) before it ran the work (300 ms).
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "ran beside a live claim after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_holder_that_lost_its_claim_stops_and_records_nothing() {
+    let fixture = Fixture::start("idempotency-lost");
+    let store = fixture.store();
+    let key = IdemKey::from_client("k-6", "/batch_init/10/1/1/1").unwrap();
+    let claim_key = format!("claim:{}", key.redis_key());
+    let finished = Arc::new(AtomicUsize::new(0));
+    let long_work = {
+        let finished = finished.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            finished.fetch_add(1, Ordering::SeqCst);
+            Ok(Answer::ok(json!({ "run": 1 })))
+        }
+    };
+    let holder = {
+        let (store, key) = (store.clone(), key.clone());
+        tokio::spawn(async move { once_after(&store, &key, long_work).await })
+    };
+    // The claim lapses and someone else takes it (as if this holder had stalled).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _: () = store
+        .query(
+            redis::cmd("SET")
+                .arg(&claim_key)
+                .arg("someone-else")
+                .arg("PX")
+                .arg(60_000),
+        )
+        .await
+        .unwrap();
+    let outcome = holder.await.unwrap();
+    assert!(
+        matches!(outcome, Err(ApiError::Unavailable(_))),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        0,
+        "the work ran to its end"
+    );
+    let recorded: Option<String> = store
+        .query(redis::cmd("GET").arg(key.redis_key()))
+        .await
+        .unwrap();
+    assert_eq!(recorded, None);
+    // The other holder's claim is untouched.
+    let claim: Option<String> = store
+        .query(redis::cmd("GET").arg(&claim_key))
+        .await
+        .unwrap();
+    assert_eq!(claim.as_deref(), Some("someone-else"));
 }

@@ -176,6 +176,10 @@ fn paid(order_id: &OrderId) -> Answer {
     Answer::ok(json!({ "order_id": order_id, "paid": true }))
 }
 
+fn not_found(order_id: &OrderId) -> Answer {
+    Answer::refusal(&ApiError::NotFound(format!("order {order_id} not found")))
+}
+
 fn refused(reason: &str) -> Answer {
     Answer::refusal(&ApiError::BadRequest(format!("checkout refused: {reason}")))
 }
@@ -230,7 +234,9 @@ impl Orchestrator {
         let mut replayed = false;
         for _ in 0..BEGIN_TRIES {
             let Some(mut order) = self.find_or_none(order_id).await? else {
-                return self.not_found(order_id, idem, deadline).await;
+                return self
+                    .answer_once(idem, not_found(order_id), None, deadline)
+                    .await;
             };
             if !replayed && (order.paid || order.checkout.is_some()) {
                 replayed = true;
@@ -239,18 +245,19 @@ impl Orchestrator {
                 }
                 // It may have changed while the key's saga was waited for.
                 let Some(now) = self.find_or_none(order_id).await? else {
-                    return self.not_found(order_id, idem, deadline).await;
+                    return self
+                        .answer_once(idem, not_found(order_id), None, deadline)
+                        .await;
                 };
                 order = now;
             }
             if order.paid {
-                return self.answer_paid(order_id, idem).await;
+                return self.answer_once(idem, paid(order_id), None, deadline).await;
             }
             let stale = match self.hold(&order).await? {
                 Hold::Held(other) => {
                     if let Some(answer) = self.wait_for(other, deadline).await? {
-                        self.sagas.record_answer(idem, &answer).await?;
-                        return Ok(answer);
+                        return self.answer_once(idem, answer, None, deadline).await;
                     }
                     continue;
                 }
@@ -285,15 +292,21 @@ impl Orchestrator {
                     let saga = self.bind(saga, &frozen).await?;
                     return self.drive(saga, deadline).await;
                 }
+                // The key points at this checkout's saga, abandoned: what it answers
+                // is recorded over that.
                 Freeze::Paid => {
                     self.abandon(&saga).await?;
-                    return self.answer_paid(order_id, idem).await;
+                    let answer = paid(order_id);
+                    return self
+                        .answer_once(idem, answer, Some(saga.id), deadline)
+                        .await;
                 }
                 Freeze::Held(other) => {
                     self.abandon(&saga).await?;
                     if let Some(answer) = self.wait_for(other, deadline).await? {
-                        self.sagas.record_answer(idem, &answer).await?;
-                        return Ok(answer);
+                        return self
+                            .answer_once(idem, answer, Some(saga.id), deadline)
+                            .await;
                     }
                 }
                 // Recovery or an operator aborted this saga before it could take
@@ -306,7 +319,10 @@ impl Orchestrator {
                 }
                 Freeze::NotFound => {
                     self.abandon(&saga).await?;
-                    return self.not_found(order_id, idem, deadline).await;
+                    let answer = not_found(order_id);
+                    return self
+                        .answer_once(idem, answer, Some(saga.id), deadline)
+                        .await;
                 }
             }
         }
@@ -324,23 +340,23 @@ impl Orchestrator {
         }
     }
 
-    /// A checkout of an order that does not exist: 404, recorded under the key
-    /// so that a repeat once the order exists still gets the first answer
-    /// (API.md). What the key recorded first stands: an answer, or a saga a
-    /// request with the same key began meanwhile (its answer, once it has one).
-    async fn not_found(
+    /// Records `answer` under the checkout's key unless the key recorded
+    /// something first, and returns what stands: every repeat hears the first
+    /// answer (API.md), also a 404 or "already paid" once the order changed. A
+    /// saga a request with the same key began meanwhile answers for the key
+    /// (waited for); one that ended without an answer, and `over` (this
+    /// checkout's own, abandoned), are recorded over.
+    async fn answer_once(
         &self,
-        order_id: &OrderId,
         idem: &IdemKey,
+        answer: Answer,
+        mut over: Option<SagaId>,
         deadline: Instant,
     ) -> Result<Answer, ApiError> {
-        let answer = Answer::refusal(&ApiError::NotFound(format!("order {order_id} not found")));
-        let mut over = None;
         for _ in 0..BEGIN_TRIES {
             match self.sagas.record_first_answer(idem, &answer, over).await? {
                 Recorded::Saga(saga) => match self.wait_for(saga, deadline).await? {
                     Some(first) => return Ok(first),
-                    // It ended without an answer (this checkout's own, abandoned).
                     None => over = Some(saga),
                 },
                 Recorded::Answer(first) => return Ok(first),
@@ -348,9 +364,9 @@ impl Orchestrator {
                 Recorded::Nothing => return Ok(answer),
             }
         }
-        Err(ApiError::Unavailable(format!(
-            "order {order_id}: the checkouts under this key did not settle; retry"
-        )))
+        Err(ApiError::Unavailable(
+            "the checkouts under this Idempotency-Key did not settle; retry".into(),
+        ))
     }
 
     /// The answer first recorded under the checkout's key, waiting for the
@@ -378,15 +394,6 @@ impl Orchestrator {
             self.sagas.set_content(&bound).await?;
         }
         Ok(bound)
-    }
-
-    /// A saga that began but never held the order: nothing was sent for it.
-    /// "Already paid", recorded under the request's key first: a repeat must
-    /// hear it again even after `batch_init` made the order unpaid.
-    async fn answer_paid(&self, order_id: &OrderId, idem: &IdemKey) -> Result<Answer, ApiError> {
-        let answer = paid(order_id);
-        self.sagas.record_answer(idem, &answer).await?;
-        Ok(answer)
     }
 
     async fn abandon(&self, saga: &SagaRecord) -> Result<(), ApiError> {

@@ -528,13 +528,6 @@ impl SagaStore {
         Ok(parse_recorded(raw.as_deref()))
     }
 
-    /// Records a final answer under a checkout's key (a checkout that joined another's saga).
-    pub async fn record_answer(&self, idem: &IdemKey, answer: &Answer) -> Result<(), StoreError> {
-        let mut writes = redis::pipe();
-        idem.record(&mut writes, answer);
-        self.store.write(&writes).await
-    }
-
     /// Records `answer` under a checkout's key unless something else stands there: returns
     /// the answer that stands (this one, or the first), or the saga the key points at. A
     /// key that points at `over` (a saga that ended without an answer) is recorded over.

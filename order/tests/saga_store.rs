@@ -101,7 +101,9 @@ async fn a_404_never_overwrites_what_its_key_recorded_first() {
         Some(format!("saga:{}", saga.id)),
         "the key no longer points at its saga"
     );
-    // That saga ended without an answer: the 404 is recorded over it, and then stays.
+    // That saga ends without an answer (abandoned): the 404 is recorded over it, and
+    // then stays.
+    sagas.finish(&saga, None, "abandoned").await.unwrap();
     let stands = sagas
         .record_first_answer(&idem, &not_found, Some(saga.id))
         .await

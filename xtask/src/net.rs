@@ -175,8 +175,9 @@ mod tests {
             .arg(&claim)
             .arg("true")
             .status();
-        if let Ok(status) = other {
-            assert!(!status.success(), "another process could take the claim");
+        match other {
+            Ok(status) => assert!(!status.success(), "another process could take the claim"),
+            Err(e) => eprintln!("flock(1) not runnable ({e}): the cross-process check skipped"),
         }
     }
 
