@@ -216,8 +216,11 @@ async fn checkouts_in_flight_when_the_broker_is_killed_finish_after_it_returns()
     println!(
         "broker away {away:?}; {in_flight} checkouts in flight at the kill; answers {by_status:?}"
     );
+    // At 200 per second a checkout in flight at the kill is one sent in the ~40 ms before
+    // it: 8-20 of them, fewer on a fast box (a clean-clone CI run saw 9 against a bound
+    // of 10 there, all 240 answered 200). Five still make the kill land mid-saga.
     assert!(
-        in_flight >= 10,
+        in_flight >= 5,
         "only {in_flight} checkouts in flight at the kill"
     );
     assert!(failures.is_empty(), "checkouts failed: {failures:?}");
