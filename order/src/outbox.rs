@@ -17,6 +17,13 @@
 //! seconds, not on every pass). Delivery is therefore at least once: each
 //! event carries a stable `event_id` (also the AMQP `message_id`), and
 //! consumers drop repeats by it.
+//!
+//! Each process is a consumer of the group under its instance id, which is
+//! new at every start where `INSTANCE_ID` is not set (compose, Kubernetes).
+//! Redis keeps a consumer until it is deleted, so the relays also delete the
+//! consumers that hold nothing and have not been heard from for
+//! [`CONSUMER_IDLE_LIMIT`] ([`prune_consumers`]): without it, every restart
+//! would leave one behind for good.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +54,32 @@ const OUTBOX_TTL_SECS: i64 = 30 * 24 * 3600;
 const BATCH: usize = 256;
 /// How often a relay looks for events when nothing woke it.
 const POLL: Duration = Duration::from_millis(500);
+/// A consumer of the group that holds no event and has not read for this long
+/// is deleted: a live relay reads every [`POLL`], so only a relay cut off from
+/// the store for this long could be deleted alive, and its next read makes
+/// it again.
+pub const CONSUMER_IDLE_LIMIT: Duration = Duration::from_secs(600);
+
+/// Deletes the consumers of `KEYS[1]`'s group `ARGV[1]`, other than `ARGV[2]`,
+/// that hold no pending event and have been idle for more than `ARGV[3]` ms.
+/// A script, so no consumer can take an event between the look and the
+/// delete (deleting a consumer drops what it holds). A missing stream or group
+/// deletes nothing.
+const PRUNE_CONSUMERS: &str = r#"
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then return 0 end
+local removed = 0
+for _, consumer in ipairs(consumers) do
+  local field = {}
+  for i = 1, #consumer, 2 do field[consumer[i]] = consumer[i + 1] end
+  if field['name'] ~= ARGV[2] and field['pending'] == 0
+      and field['idle'] > tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], field['name'])
+    removed = removed + 1
+  end
+end
+return removed
+"#;
 
 /// What kind of event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +173,9 @@ pub async fn relay_forever(
         let claim = now >= next_claim;
         if claim {
             next_claim = now + CLAIM_EVERY;
+            if let Err(e) = prune_consumers(&store, &consumer, CONSUMER_IDLE_LIMIT).await {
+                tracing::debug!(error = %e, "outbox consumers not pruned; trying again later");
+            }
         }
         match relay_once(&store, &broker, &consumer, claim).await {
             // A full batch: there may be more right away.
@@ -222,6 +258,28 @@ async fn take_over(store: &Store, consumer: &str) -> Result<Vec<StreamId>, Relay
         .arg(BATCH);
     let claimed: StreamAutoClaimReply = with_group(store, &autoclaim).await?;
     Ok(claimed.claimed)
+}
+
+/// Deletes the group's consumers, other than `consumer`, that hold no event
+/// and have been idle for more than `idle` (relays that ended). Returns how
+/// many it deleted. Not confirmed on a replica: a deletion lost in a failover
+/// is made again by a later pass.
+pub async fn prune_consumers(
+    store: &Store,
+    consumer: &str,
+    idle: Duration,
+) -> Result<usize, StoreError> {
+    store
+        .query(
+            redis::cmd("EVAL")
+                .arg(PRUNE_CONSUMERS)
+                .arg(1)
+                .arg(OUTBOX)
+                .arg(GROUP)
+                .arg(consumer)
+                .arg(idle.as_millis() as u64),
+        )
+        .await
 }
 
 /// Runs a command on the relays' group, making the group first if it is

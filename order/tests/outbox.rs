@@ -202,6 +202,27 @@ fn outbox_length(redis: &RedisServer) -> usize {
     redis::cmd("XLEN").arg(OUTBOX).query(&mut conn).unwrap()
 }
 
+/// Makes the relays' group and reads every event in it as `consumer`, as a
+/// relay does before it publishes them: they are pending to it from then on.
+fn read_as(conn: &mut redis::Connection, consumer: &str) {
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(OUTBOX)
+        .arg("relay")
+        .arg("0")
+        .query(conn)
+        .unwrap();
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("relay")
+        .arg(consumer)
+        .arg("STREAMS")
+        .arg(OUTBOX)
+        .arg(">")
+        .query(conn)
+        .unwrap();
+}
+
 /// A relay read the event and died before publishing it: the event stays
 /// pending, another relay takes it over once it has been idle for
 /// `CLAIM_IDLE`, and the consumer gets it.
@@ -224,22 +245,7 @@ async fn an_event_a_dead_relay_held_is_relayed_by_another() {
         .unwrap()
         .get_connection()
         .unwrap();
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(OUTBOX)
-        .arg("relay")
-        .arg("0")
-        .query(&mut conn)
-        .unwrap();
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("relay")
-        .arg("dead-relay")
-        .arg("STREAMS")
-        .arg(OUTBOX)
-        .arg(">")
-        .query(&mut conn)
-        .unwrap();
+    read_as(&mut conn, "dead-relay");
 
     let broker = Broker::new(&amqp.url, QueueType::Classic, &[]);
     let live = "live-relay";
@@ -309,4 +315,83 @@ async fn a_decision_retried_after_a_lost_reply_announces_once() {
     // And a fence after the commit (recovery arriving late) announces nothing.
     assert!(orders.fence(&id, saga).await.unwrap());
     assert_eq!(outbox_length(&redis), 1);
+}
+
+/// Relays that ended leave consumers in the group (each start names a new
+/// one): a pass deletes those that hold nothing once idle long enough, and
+/// keeps its own, a recent one, and one still holding an event (another relay
+/// takes that over first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consumers_of_ended_relays_are_deleted_once_they_hold_nothing() {
+    let Committed {
+        _dir, redis, store, ..
+    } = committed_order().await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let consumers = |conn: &mut redis::Connection| -> Vec<(String, i64)> {
+        let infos: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(OUTBOX)
+            .arg("relay")
+            .query(conn)
+            .unwrap();
+        let mut named: Vec<(String, i64)> = infos
+            .iter()
+            .map(|info| {
+                (
+                    redis::from_redis_value(info["name"].clone()).unwrap(),
+                    redis::from_redis_value(info["pending"].clone()).unwrap(),
+                )
+            })
+            .collect();
+        named.sort();
+        named
+    };
+    // No stream group yet: nothing to prune, and no error.
+    let _: () = redis::cmd("DEL").arg(OUTBOX).query(&mut conn).unwrap();
+    assert_eq!(
+        outbox::prune_consumers(&store, "live", Duration::ZERO)
+            .await
+            .unwrap(),
+        0
+    );
+
+    let saga = SagaId::new();
+    let (orders, id) = frozen_order(&redis.url(), saga).await;
+    assert!(orders.commit(&id, saga).await.unwrap());
+    // "holding" read the event and ended before acknowledging it.
+    read_as(&mut conn, "holding");
+    for name in ["ended-1", "ended-2", "live"] {
+        let _: i64 = redis::cmd("XGROUP")
+            .arg("CREATECONSUMER")
+            .arg(OUTBOX)
+            .arg("relay")
+            .arg(name)
+            .query(&mut conn)
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _: i64 = redis::cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg(OUTBOX)
+        .arg("relay")
+        .arg("recent")
+        .query(&mut conn)
+        .unwrap();
+
+    let deleted = outbox::prune_consumers(&store, "live", Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(deleted, 2);
+    assert_eq!(
+        consumers(&mut conn),
+        vec![
+            ("holding".to_string(), 1),
+            ("live".to_string(), 0),
+            ("recent".to_string(), 0)
+        ]
+    );
+    assert_eq!(outbox_length(&redis), 1, "the held event is still there");
 }
