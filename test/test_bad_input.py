@@ -206,5 +206,10 @@ def test_the_gateways_own_errors_are_json(api):
     assert_error(big_body, 413)
     long_uri = api.get("/stock/find/" + "x" * 20_000)
     assert_error(long_uri, 414)
+    big_header = api.session.get(api.base + "/stock/find/1", headers={"X-Big": "a" * 9000},
+                                 timeout=api.timeout)
+    assert_error(big_header, 400)
+    trace = api.session.request("TRACE", api.base + "/stock/find/1", timeout=api.timeout)
+    assert_error(trace, 405)
     # The pages behind them are not routes of their own.
     assert_error(api.get("/_gateway_error/502"), 404)

@@ -10,10 +10,16 @@
 //!
 //! Where the key comes from:
 //! - the client's `Idempotency-Key` header (1-128 printable ASCII), kept for
-//!   [`CLIENT_TTL`] as the contract promises;
-//! - the gateway stamps one on every POST that has none and says so with
-//!   `Idempotency-Origin: gateway`; such keys only serve the gateway's own
-//!   retry on another instance, so they live [`SHORT_TTL`];
+//!   [`CLIENT_TTL`] as the contract promises. The gateways pass it on as the
+//!   client sent it, so an empty or blank one is refused (400) like any other
+//!   bad key;
+//! - the gateway stamps a key of its own on every request, in a header of its
+//!   own ([`GATEWAY_HEADER`], which it overwrites if a client sent one); it is
+//!   used when the client sent no `Idempotency-Key` at all. Such keys only
+//!   serve the gateway's own retry on another instance, so they live
+//!   [`SHORT_TTL`]. (A separate header, because nginx cannot tell an empty
+//!   header from a missing one: stamping into `Idempotency-Key` itself turned
+//!   a client's empty key into a fresh key on every retry.)
 //! - a request that reaches a service directly without a key gets a random
 //!   one, which only serves the service's own retries ([`SHORT_TTL`]).
 //!
@@ -44,8 +50,8 @@ use crate::redis_store::{Conn, Store, StoreError, Tx};
 
 /// The request header a client sets.
 pub const HEADER: &str = "idempotency-key";
-/// Set by the gateway next to a key it generated itself.
-pub const ORIGIN_HEADER: &str = "idempotency-origin";
+/// The key every gateway stamps on every request (nginx's `$request_id`).
+pub const GATEWAY_HEADER: &str = "idempotency-gateway-key";
 /// How long a client's key is remembered (API.md: 24 hours).
 pub const CLIENT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long a generated key is remembered: far beyond any retry of one request.
@@ -123,21 +129,21 @@ impl<S: Send + Sync> FromRequestParts<S> for IdemKey {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let path = parts.uri.path().to_string();
-        let Some(value) = parts.headers.get(HEADER) else {
-            return Ok(IdemKey::random(&path));
+        let text = |value: &axum::http::HeaderValue| {
+            value
+                .to_str()
+                .map(str::to_string)
+                .map_err(|_| ApiError::BadRequest("Idempotency-Key must be printable ASCII".into()))
         };
-        let key = value
-            .to_str()
-            .map_err(|_| ApiError::BadRequest("Idempotency-Key must be printable ASCII".into()))?;
-        let from_gateway = parts
-            .headers
-            .get(ORIGIN_HEADER)
-            .is_some_and(|v| v.as_bytes() == b"gateway");
-        if from_gateway {
+        if let Some(value) = parts.headers.get(HEADER) {
+            // Present, even empty: the client's, validated as it was sent.
+            return IdemKey::from_client(&text(value)?, &path);
+        }
+        match parts.headers.get(GATEWAY_HEADER) {
             // nginx's $request_id: 32 hex digits; still validated like any key.
-            IdemKey::from_client(key, &path).map(|k| IdemKey::generated(&k.key, &path))
-        } else {
-            IdemKey::from_client(key, &path)
+            Some(value) => IdemKey::from_client(&text(value)?, &path)
+                .map(|k| IdemKey::generated(&k.key, &path)),
+            None => Ok(IdemKey::random(&path)),
         }
     }
 }
@@ -465,6 +471,40 @@ mod tests {
         assert_ne!(a.redis_key(), b.redis_key());
         assert_eq!(a.ttl_secs(), CLIENT_TTL.as_secs());
         assert_eq!(IdemKey::random("/p").ttl_secs(), SHORT_TTL.as_secs());
+    }
+
+    /// The key a request with these headers gets (or its refusal).
+    async fn extract(headers: &[(&str, &str)]) -> Result<IdemKey, ApiError> {
+        let mut request = axum::http::Request::post("/add/1/2");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let (mut parts, ()) = request.body(()).unwrap().into_parts();
+        IdemKey::from_request_parts(&mut parts, &()).await
+    }
+
+    #[tokio::test]
+    async fn the_clients_key_wins_even_empty_and_the_gateways_serves_only_without_one() {
+        let stamped = (GATEWAY_HEADER, "0123456789abcdef0123456789abcdef");
+        let client = extract(&[(HEADER, "k1"), stamped]).await.unwrap();
+        assert_eq!(client.redis_key(), "idem:/add/1/2:k1");
+        assert_eq!(client.ttl_secs(), CLIENT_TTL.as_secs());
+        // An empty key sent through a gateway is still the client's: refused. (A blank one
+        // arrives empty: HTTP parsers strip the whitespace around a header value.)
+        let refused = extract(&[(HEADER, ""), stamped]).await;
+        assert!(
+            matches!(refused, Err(ApiError::BadRequest(_))),
+            "{refused:?}"
+        );
+        let gateway = extract(&[stamped]).await.unwrap();
+        assert_eq!(
+            gateway.redis_key(),
+            "idem:/add/1/2:0123456789abcdef0123456789abcdef"
+        );
+        assert_eq!(gateway.ttl_secs(), SHORT_TTL.as_secs());
+        assert!(extract(&[(GATEWAY_HEADER, "")]).await.is_err());
+        let direct = extract(&[]).await.unwrap();
+        assert_eq!(direct.ttl_secs(), SHORT_TTL.as_secs());
     }
 
     #[test]

@@ -91,9 +91,9 @@ fn idempotency_key() -> Parameter {
         "required": false,
         "description": "Makes the POST idempotent: a repeat with the same key on the same path \
             within 24 hours applies nothing again and returns the first answer (status and \
-            body). 1-128 printable ASCII characters; without one (or with an empty one) the \
+            body). 1-128 printable ASCII characters (an empty one is a 400); without one the \
             gateway stamps a key of its own, which only serves its own retries.",
-        "schema": {"type": "string", "maxLength": 128, "pattern": "^[ -~]*$"}
+        "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[ -~]+$"}
     }))
 }
 
