@@ -463,21 +463,24 @@ impl Orders {
     /// The abort point: takes `saga`'s hold off the order, so it can never
     /// commit; announces `order.checkout_failed` with the change. True if it
     /// had committed already (then nothing changes): its paid mark says so
-    /// even once `batch_init` overwrote the order. A saga that does not
-    /// hold the order (it may be about to freeze it: recovery or an operator
-    /// can abort a saga whose owner is slow) gets a fence mark instead, which
-    /// its freeze then finds: fenced means fenced, whatever the order.
+    /// even once `batch_init` overwrote the order. Otherwise the saga gets a
+    /// fence mark, which its freeze finds: fenced means fenced, whatever the
+    /// order (recovery or an operator can abort a saga whose owner is slow,
+    /// before its freeze or while a freeze whose reply was lost is retried).
     pub async fn fence(&self, id: &OrderId, saga: SagaId) -> Result<bool, StoreError> {
         let announce = Some(EventType::CheckoutFailed);
         self.change(id, saga, announce, move |order, marks| match order {
             _ if marks.paid => (None, None, true),
             Some(o) if o.paid_by == Some(saga) => (None, None, true),
+            // The hold goes, and the mark stays: a freeze of this saga still on its way
+            // (a retry after a lost EXEC reply, re-run while its owner's lease lapsed and
+            // recovery fenced it) must find it fenced, not a free order to freeze again.
             Some(o) if o.checkout == Some(saga) => (
                 Some(Order {
                     checkout: None,
                     ..o
                 }),
-                None,
+                Some(Leave::Fence),
                 false,
             ),
             // Marked once; a repeat writes nothing.

@@ -170,17 +170,19 @@ fn write_inactive(writes: &mut redis::Pipeline, id: SagaId) {
 }
 
 /// A first end: `fields` and the answer (if any) in one HSET, the answer under the
-/// checkout's key too, no longer active, and the record's lifetime, which starts now.
+/// checkout's key too when `key_is_ours` (the key still points at this saga, or holds
+/// nothing), no longer active, and the record's lifetime, which starts now.
 fn write_end(
     writes: &mut redis::Pipeline,
     saga: &SagaRecord,
     mut fields: Vec<(String, String)>,
     answer: Option<&Answer>,
+    key_is_ours: bool,
 ) {
     let key = saga_key(saga.id);
     if let Some(answer) = answer {
         fields.push(("answer".to_string(), answer.encode()));
-        if let Some((idem_key, ttl)) = &saga.idem {
+        if let (Some((idem_key, ttl)), true) = (&saga.idem, key_is_ours) {
             writes.set_ex(idem_key, answer.encode(), *ttl).ignore();
         }
     }
@@ -417,9 +419,7 @@ fn begin_writes(saga: &SagaRecord, owner: &str, lease: Duration) -> redis::Pipel
     if let Some((idem_key, ttl)) = &saga.idem {
         fields.push(("idem", idem_key.clone()));
         fields.push(("idem_ttl", ttl.to_string()));
-        writes
-            .set_ex(idem_key, format!("saga:{}", saga.id), *ttl)
-            .ignore();
+        writes.set_ex(idem_key, saga_key(saga.id), *ttl).ignore();
     }
     writes
         .hset_multiple(saga_key(saga.id), &fields)
@@ -492,7 +492,9 @@ fn decision_writes(
     fields.push(("finished_ms".to_string(), now));
     fields.push(("reason".to_string(), end.reason.clone()));
     fields.extend(step_fields(&end.steps));
-    write_end(&mut writes, saga, fields, end.answer.as_ref());
+    // A pending, active saga's key cannot have moved to another saga (`begin` waits for
+    // this one), so a decision that ends the saga records its answer under it.
+    write_end(&mut writes, saga, fields, end.answer.as_ref(), true);
     if let Some(pointer) = pointer {
         writes
             .set_ex(pointer, saga.id.to_string(), RETENTION_SECS as u64)
@@ -830,14 +832,16 @@ impl SagaStore {
     ) -> Result<Option<Answer>, StoreError> {
         let key = saga_key(saga.id);
         let pointer = pointer_key(&saga.order_id);
+        let idem_key = saga.idem.as_ref().map(|(idem_key, _)| idem_key.clone());
         let mut reads = redis::pipe();
-        // The first answer, and whether the order still points here.
+        // The first answer, whether the order still points here, and where the
+        // checkout's key points.
         reads.hget(&key, "answer").get(&pointer);
-        let also_touches: Vec<String> = saga
-            .idem
-            .iter()
-            .map(|(idem_key, _)| idem_key.clone())
-            .collect();
+        let mut watch = vec![key.clone(), pointer.clone()];
+        if let Some(idem_key) = &idem_key {
+            reads.get(idem_key);
+            watch.push(idem_key.clone());
+        }
         let (saga, answer, reason, steps) = (
             saga.clone(),
             answer.cloned(),
@@ -845,15 +849,25 @@ impl SagaStore {
             steps.to_vec(),
         );
         // A plan: concurrent sagas' ends share their round trips and WAIT. The pointer is
-        // watched too: a later checkout's decision may point it elsewhere meanwhile.
+        // watched too: a later checkout's decision may point it elsewhere meanwhile. So is
+        // the checkout's key: a saga that ended without an answer (recovery aborted it) lets
+        // a repeat of its key start another saga, whose answer a late finish of this one
+        // must not overwrite.
         let plan = Plan {
-            watch: vec![key.clone(), pointer.clone()],
-            also_touches,
+            watch,
+            also_touches: Vec::new(),
             reads,
             decide: Box::new(move |replies| {
                 let mut replies = replies.into_iter();
                 let first: Option<String> = next_reply(&mut replies, &key)?;
                 let latest: Option<String> = next_reply(&mut replies, &pointer)?;
+                let key_is_ours = match &idem_key {
+                    Some(idem_key) => {
+                        let held: Option<String> = next_reply(&mut replies, idem_key)?;
+                        held.is_none_or(|held| held == saga_key(saga.id))
+                    }
+                    None => false,
+                };
                 let mut writes = redis::pipe();
                 // Finished before (another driver): the first answer stands. Its
                 // active entry and lease go all the same, in case a driver that
@@ -870,7 +884,13 @@ impl SagaStore {
                 if latest.as_deref() == Some(saga.id.to_string().as_str()) {
                     writes.expire(&pointer, RETENTION_SECS).ignore();
                 }
-                write_end(&mut writes, &saga, step_fields(&steps), answer.as_ref());
+                write_end(
+                    &mut writes,
+                    &saga,
+                    step_fields(&steps),
+                    answer.as_ref(),
+                    key_is_ours,
+                );
                 Ok(Tx::Commit(writes, answer.clone()))
             }),
         };

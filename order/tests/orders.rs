@@ -28,6 +28,41 @@ async fn a_freeze_whose_reply_was_lost_is_frozen() {
     );
 }
 
+/// Recovery (or an operator) fenced a saga that held the order while its owner's
+/// freeze was still being retried (the freeze's EXEC ran, its reply was lost, and the
+/// owner's lease lapsed meanwhile). The retry must find the saga fenced, not a free
+/// order to freeze again: frozen again, the owner would take stock and credit that the
+/// recovery was giving back, and commit an order whose goods went back.
+#[tokio::test]
+async fn a_saga_fenced_while_it_held_the_order_never_freezes_it_again() {
+    let dir = ScratchDir::new("orders-test").unwrap();
+    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let orders = Orders::new(direct_store(&redis.url()));
+    let id = support::new_order(&orders).await;
+    let saga = SagaId::new();
+    assert!(matches!(
+        orders.freeze(&id, saga, None).await.unwrap(),
+        Freeze::Frozen(_)
+    ));
+    assert!(!orders.fence(&id, saga).await.unwrap(), "nothing committed");
+    assert_eq!(
+        orders.freeze(&id, saga, None).await.unwrap(),
+        Freeze::Fenced,
+        "a fenced saga froze the order again"
+    );
+    assert!(!orders.commit(&id, saga).await.unwrap());
+    assert!(
+        !orders.fence(&id, saga).await.unwrap(),
+        "a repeat is the same"
+    );
+    // The order is free for the next checkout.
+    let next = SagaId::new();
+    assert!(matches!(
+        orders.freeze(&id, next, None).await.unwrap(),
+        Freeze::Frozen(ref o) if o.checkout == Some(next)
+    ));
+}
+
 /// Recovery (or an operator) may abort a saga whose owner began it but has
 /// not frozen the order yet. The fence then finds nothing to take off the
 /// order; it leaves a mark instead, so the owner's late freeze is refused:

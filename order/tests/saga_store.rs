@@ -357,3 +357,75 @@ async fn a_finished_saga_record_is_one_listpack() {
         "the finished record {key} is {encoding:?}, not one listpack"
     );
 }
+
+/// Recovery aborted a saga and ended it without an answer (its owner was away), so the
+/// client's retry with the same key began a second saga, which committed and recorded its
+/// 200 under the key. The first saga's owner comes back and finishes it with its own
+/// refusal: that refusal is the first saga's, not the key's. The key keeps the 200, or
+/// a repeat would answer 400 for an order its key paid.
+#[tokio::test]
+async fn a_late_finish_never_overwrites_the_answer_of_its_keys_next_saga() {
+    let dir = ScratchDir::new("saga-store-late-finish").unwrap();
+    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let sagas = SagaStore::new(direct_store(&redis.url()));
+    let idem_key = "idem:/checkout/o-1:retried";
+    let lease = Duration::from_secs(5);
+    let first = record(idem_key);
+    assert!(matches!(
+        sagas.begin(&first, "instance-a", lease).await.unwrap(),
+        Begin::Started
+    ));
+    let aborted = Decision {
+        state: SagaState::Aborted,
+        held_order: true,
+        steps: Vec::new(),
+        end: None,
+    };
+    assert_eq!(sagas.decide(&first, aborted).await.unwrap(), Logged::Now);
+    // Recovery ends it; recovery answers nobody.
+    assert_eq!(sagas.finish(&first, None, "recovered").await.unwrap(), None);
+
+    let second = SagaRecord {
+        id: SagaId::new(),
+        ..first.clone()
+    };
+    assert!(matches!(
+        sagas.begin(&second, "instance-b", lease).await.unwrap(),
+        Begin::Started
+    ));
+    let paid = Answer {
+        status: 200,
+        body: serde_json::json!({"paid": true}),
+    };
+    let committed = Decision {
+        state: SagaState::Committed,
+        held_order: true,
+        steps: Vec::new(),
+        end: Some(End {
+            answer: Some(paid.clone()),
+            reason: "committed".into(),
+            steps: Vec::new(),
+        }),
+    };
+    assert_eq!(sagas.decide(&second, committed).await.unwrap(), Logged::Now);
+
+    let refused = Answer::refusal(&ApiError::BadRequest("checkout refused".into()));
+    let late = sagas
+        .finish(&first, Some(&refused), "the owner's own end")
+        .await
+        .unwrap();
+    assert_eq!(late, Some(refused.clone()), "the first saga's own answer");
+    assert_eq!(
+        resp::text(&redis.command(&["GET", idem_key]).unwrap()),
+        Some(paid.encode()),
+        "a late finish of the first saga overwrote the key's answer"
+    );
+    assert_eq!(
+        resp::text(
+            &redis
+                .command(&["HGET", &format!("saga:{}", first.id), "answer"])
+                .unwrap()
+        ),
+        Some(refused.encode())
+    );
+}
