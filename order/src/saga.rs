@@ -922,9 +922,13 @@ impl Orchestrator {
                  or abort it"
             )));
         }
-        self.sagas
+        if !self
+            .sagas
             .take_over(id, &self.routing.instance, self.routing.lease)
-            .await?;
+            .await?
+        {
+            return Err(expired(id));
+        }
         self.recover_because(id, "retried by an operator").await
     }
 
@@ -955,9 +959,13 @@ impl Orchestrator {
                 _ => Ok(()),
             };
         }
-        self.sagas
+        if !self
+            .sagas
             .take_over(id, &self.routing.instance, self.routing.lease)
-            .await?;
+            .await?
+        {
+            return Err(expired(id));
+        }
         let state = match state {
             SagaState::Pending => {
                 let committed = self.orders.fence(&saga.order_id, id).await?;
@@ -982,10 +990,7 @@ impl Orchestrator {
 
     /// The saga an operator names, or 404.
     async fn operated(&self, id: SagaId) -> Result<SagaView, ApiError> {
-        self.sagas
-            .view(id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("saga {id} not found (or expired)")))
+        self.sagas.view(id).await?.ok_or_else(|| expired(id))
     }
 
     /// Every half lease, takes over and finishes sagas whose owner died.
@@ -1153,6 +1158,11 @@ fn refusal_reason(reserved: &StepResult, charged: &StepResult) -> String {
     } else {
         reasons.join("; ")
     }
+}
+
+/// An operator's saga that has no record (never, or expired).
+fn expired(id: SagaId) -> ApiError {
+    ApiError::NotFound(format!("saga {id} not found (or expired)"))
 }
 
 #[cfg(test)]

@@ -1039,31 +1039,49 @@ impl SagaStore {
     /// An operator takes a saga over (`retry`, `abort`): back among the active sagas (out of
     /// the operator's set), its recovery attempts counted from 0, its lease to `owner`. The
     /// lease is taken even from a live owner: two drivers of one saga agree by the order's
-    /// compare-and-set and the finish's.
+    /// compare-and-set and the finish's. False (nothing written) when the record has expired
+    /// since the operator looked: written anyway, its fields would make a partial record
+    /// without a lifetime that recovery could never load.
     pub async fn take_over(
         &self,
         id: SagaId,
         owner: &str,
         lease: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let key = saga_key(id);
-        let mut writes = redis::pipe();
-        writes
-            .srem(ATTENTION, id.to_string())
-            .ignore()
-            .sadd(ACTIVE, id.to_string())
-            .ignore()
-            .hdel(&key, &["attention", "attention_ms"])
-            .ignore()
-            .hset(&key, "attempts", 0)
-            .ignore()
-            .hset(&key, "owner", owner)
-            .ignore()
-            .set(lease_key(id), owner)
-            .arg("PX")
-            .arg(lease.as_millis() as u64)
-            .ignore();
-        self.store.write(&writes).await
+        let key = &key;
+        self.store
+            .transact(std::slice::from_ref(key), |mut conn| async move {
+                let exists: Result<bool, _> = redis::cmd("EXISTS")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(StoreError::Redis);
+                let decision = exists.map(|exists| {
+                    if !exists {
+                        return Tx::Abort(false);
+                    }
+                    let mut writes = redis::pipe();
+                    writes
+                        .srem(ATTENTION, id.to_string())
+                        .ignore()
+                        .sadd(ACTIVE, id.to_string())
+                        .ignore()
+                        .hdel(key, &["attention", "attention_ms"])
+                        .ignore()
+                        .hset(key, "attempts", 0)
+                        .ignore()
+                        .hset(key, "owner", owner)
+                        .ignore()
+                        .set(lease_key(id), owner)
+                        .arg("PX")
+                        .arg(lease.as_millis() as u64)
+                        .ignore();
+                    Tx::Commit(writes, true)
+                });
+                (conn, decision)
+            })
+            .await
     }
 
     /// Extends the owner's leases, all in one pipeline. `XX`: a lease the saga's end deleted

@@ -429,3 +429,41 @@ async fn a_late_finish_never_overwrites_the_answer_of_its_keys_next_saga() {
         Some(refused.encode())
     );
 }
+
+/// An operator's retry or abort of a saga whose record expired since the operator looked
+/// writes nothing: written anyway, its fields would make a partial record without a
+/// lifetime, active for ever and never loadable by recovery.
+#[tokio::test]
+async fn taking_over_an_expired_saga_writes_nothing() {
+    let dir = ScratchDir::new("saga-store-take-over").unwrap();
+    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let sagas = SagaStore::new(direct_store(&redis.url()));
+    let gone = SagaId::new();
+    let lease = Duration::from_secs(5);
+    assert!(!sagas.take_over(gone, "operator", lease).await.unwrap());
+    let keys = redis.command(&["KEYS", "*"]).unwrap();
+    assert!(
+        matches!(&keys, Value::Array(k) if k.iter().all(|k| resp::text(k).as_deref() == Some("durability:mark"))),
+        "{keys:?}"
+    );
+    // A saga that is there is taken over.
+    let saga = record("idem:/checkout/o-1:taken-over");
+    sagas.begin(&saga, "instance-a", lease).await.unwrap();
+    assert!(sagas.take_over(saga.id, "operator", lease).await.unwrap());
+    assert_eq!(
+        resp::text(
+            &redis
+                .command(&["GET", &format!("lease:{}", saga.id)])
+                .unwrap()
+        ),
+        Some("operator".to_string())
+    );
+}
+
+/// A participant keeps what a saga took for longer than the saga store keeps a saga that
+/// needs an operator, so an operator's late retry or abort still gives it back (the saga
+/// is handed to an operator minutes after its take, well inside the margin).
+#[test]
+fn what_a_saga_took_outlives_a_saga_that_needs_an_operator() {
+    assert!(common::counters::TAKEN_TTL_SECS > order::saga_store::ATTENTION_RETENTION_SECS as u64);
+}

@@ -36,7 +36,7 @@ use crate::keylock::KeyLocks;
 use crate::redis_store::{Conn, Store, StoreError};
 use crate::types::{Amount, SagaId};
 
-pub use steps::{SagaStep, TOMBSTONE_TTL_SECS};
+pub use steps::{SagaStep, TAKEN_TTL_SECS, TOMBSTONE_TTL_SECS};
 
 const HELD: &str = "held";
 const EPOCH: &str = "epoch";

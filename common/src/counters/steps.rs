@@ -38,8 +38,11 @@ use crate::messages::Outcome;
 use crate::redis_store::{Conn, StoreError, Tx};
 use crate::types::{Amount, SagaId};
 
-/// Safety lifetime of a `taken` record whose settle or give-back never came.
-const TAKEN_TTL_SECS: u64 = 7 * 24 * 3600;
+/// Safety lifetime of a `taken` record whose settle or give-back never came. Longer than
+/// a saga that needs an operator is kept (30 days, the order service's
+/// `ATTENTION_RETENTION_SECS`): an operator's retry or abort must still find what the saga
+/// took, or its give-back would leave a tombstone and the stock or credit would stay taken.
+pub const TAKEN_TTL_SECS: u64 = 31 * 24 * 3600;
 /// Lifetime of every other record: far longer than a forward command may live.
 pub const TOMBSTONE_TTL_SECS: u64 = 600;
 
