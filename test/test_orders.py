@@ -61,14 +61,23 @@ def test_create_for_batch_user(api):
     assert order["total_cost"] == 0 and order["paid"] is False
 
 
-def test_create_for_unknown_user_is_never_a_5xx(api):
-    # API.md lists only "400" as failure; whether an unknown user is checked at
-    # create time is not fixed, but it must be a clean 2xx or a JSON 4xx.
-    r = api.post(f"/orders/create/{unknown_id()}")
-    if 200 <= r.status_code < 300:
-        assert_uuid(r.json()["order_id"], "order_id")
-    else:
-        assert_error(r, "4xx")
+@pytest.mark.parametrize("user_id", unknown_id_params("user"))
+def test_create_for_unknown_user_is_404(api, user_id):
+    """API.md: an id that does not exist is a 404. The order service asks payment."""
+    assert_error(api.post(f"/orders/create/{user_id}"), 404)
+
+
+def test_create_for_unknown_user_is_recorded_under_its_key(api):
+    """The 404 is the key's answer: a repeat after the user came to exist still gets it,
+    and a request with a new key creates the order."""
+    user = "7654321"  # beyond every batch the suites and the bench make
+    assert_error(api.get(f"/payment/find_user/{user}"), 404)
+    path = f"/orders/create/{user}"
+    headers = {"Idempotency-Key": f"create-unknown-{unknown_id()}"}
+    assert_error(api.session.post(api.base + path, headers=headers), 404)
+    api.payment_batch_init(int(user) + 1, 0)  # now it exists (a batch is one rule: cheap)
+    assert_error(api.session.post(api.base + path, headers=headers), 404)
+    assert api.order(api.create_order(user))["user_id"] == user
 
 
 @pytest.mark.parametrize("order_id", unknown_id_params("order"))

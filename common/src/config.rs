@@ -152,6 +152,13 @@ pub const ENV_VARS: &[EnvVar] = &[
         help: "base URL of the stock service's HTTP API (price look-ups for addItem)",
     },
     EnvVar {
+        name: "PAYMENT_URL",
+        default: Some("http://127.0.0.1:8000/payment"),
+        required: true,
+        services: &[Order],
+        help: "base URL of the payment service's HTTP API (user look-ups for create)",
+    },
+    EnvVar {
         name: "STEP_TIMEOUT_MS",
         default: Some("10000"),
         required: false,
@@ -347,6 +354,7 @@ pub struct OrderSettings {
     pub saga_redis: RedisTarget,
     pub step_order: StepOrder,
     pub stock_url: String,
+    pub payment_url: String,
     pub step_timeout: Duration,
     pub checkout_timeout: Duration,
     pub saga_lease: Duration,
@@ -372,6 +380,10 @@ impl OrderSettings {
                 }
             },
             stock_url: var("STOCK_URL")
+                .expect("has a default")
+                .trim_end_matches('/')
+                .to_string(),
+            payment_url: var("PAYMENT_URL")
                 .expect("has a default")
                 .trim_end_matches('/')
                 .to_string(),

@@ -8,6 +8,7 @@
 //! once.
 
 pub mod contention;
+pub mod lookups;
 pub mod openapi;
 pub mod ops;
 pub mod orders;
@@ -16,7 +17,6 @@ pub mod replies;
 pub mod routes;
 pub mod saga;
 pub mod saga_store;
-pub mod stock_client;
 
 use std::sync::Arc;
 
@@ -104,7 +104,7 @@ pub fn build(
     tokio::spawn(orchestrator.clone().renew_leases_forever());
     let state = Arc::new(routes::AppState {
         saga: orchestrator,
-        stock: stock_client::StockClient::new(&order_settings.stock_url),
+        lookups: lookups::Lookups::new(&order_settings.stock_url, &order_settings.payment_url),
     });
     let ready = readiness(vec![order_store, saga_store], broker);
     let metrics = common::telemetry::init_metrics();

@@ -180,10 +180,20 @@ impl Orders {
     }
 
     /// Creates an empty order, once per idempotency key.
-    pub async fn create(&self, user_id: UserId, idem: &IdemKey) -> Result<Answer, ApiError> {
+    /// `create`: a new empty order for `user_id`, once per idempotency key; `known` carries
+    /// the refusal of the user look-up (an unknown user), which is recorded like an order.
+    pub async fn create(
+        &self,
+        user_id: UserId,
+        known: Result<(), ApiError>,
+        idem: &IdemKey,
+    ) -> Result<Answer, ApiError> {
         idempotency::once(&self.store, idem, || {
-            let id = OrderId::new_random();
             let mut writes = redis::pipe();
+            if let Err(e) = &known {
+                return (writes, Answer::refusal(e));
+            }
+            let id = OrderId::new_random();
             writes
                 .set(key(&id), encode(&Order::new(user_id.clone())))
                 .ignore();

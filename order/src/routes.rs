@@ -19,17 +19,17 @@ use common::openapi::PositiveAmountParam;
 use common::openapi::{AmountParam, BatchDone, BatchSizeParam, ErrorBody, IdParam};
 use common::types::{parse_batch_size, Amount, ItemId, OrderId, UserId};
 
+use crate::lookups::Lookups;
 use crate::openapi::{CheckedOut, OrderCreated, OrderView};
 use crate::orders::{under_checkout, Order};
 use crate::saga::{Hold, Orchestrator};
 use crate::saga_store::SagaView;
-use crate::stock_client::StockClient;
 
 type Result<T> = std::result::Result<T, ApiError>;
 
 pub struct AppState {
     pub saga: Arc<Orchestrator>,
-    pub stock: StockClient,
+    pub lookups: Lookups,
 }
 
 /// The business routes, each with its OpenAPI operation.
@@ -68,6 +68,8 @@ fn view(id: &OrderId, order: &Order) -> Value {
     responses(
         (status = 200, description = "created", body = OrderCreated),
         (status = 400, description = "malformed user id or Idempotency-Key", body = ErrorBody),
+        (status = 404, description = "no such user (the payment service does not know it)",
+            body = ErrorBody),
     ))]
 async fn create(
     State(s): State<Arc<AppState>>,
@@ -75,7 +77,17 @@ async fn create(
     Path(user): Path<String>,
 ) -> Result<Answer> {
     let user = UserId::parse(&user)?;
-    s.saga.orders.create(user, &idem).await
+    let orders = &s.saga.orders;
+    // A repeat gets the first answer without asking payment again.
+    if let Some(first) = idempotency::recorded(orders.store(), &idem).await? {
+        return Ok(first);
+    }
+    // An unknown user is an answer (recorded, a 404); payment not answering is not.
+    let known = match s.lookups.user(&user).await {
+        Err(ApiError::Unavailable(why)) => return Err(ApiError::Unavailable(why)),
+        known => known,
+    };
+    orders.create(user, known, &idem).await
 }
 
 #[utoipa::path(post, path = "/batch_init/{n}/{n_items}/{n_users}/{item_price}", tag = "order",
@@ -162,7 +174,7 @@ async fn add_item(
                 if let Hold::Stale(saga) = hold {
                     stale = Some(saga);
                 }
-                price = match s.stock.price(&item).await {
+                price = match s.lookups.price(&item).await {
                     Err(ApiError::Unavailable(why)) => return Err(ApiError::Unavailable(why)),
                     other => other,
                 };

@@ -169,6 +169,10 @@ pub fn env_plan(instance: &Instance, gateway_port: u16) -> Vec<(&'static str, En
             "STOCK_URL",
             Set(format!("http://127.0.0.1:{gateway_port}/stock")),
         ),
+        (
+            "PAYMENT_URL",
+            Set(format!("http://127.0.0.1:{gateway_port}/payment")),
+        ),
         ("RUST_LOG", Set(rust_log)),
         ("REDIS_URL", Remove),
         ("SAGA_REDIS_URL", Remove),
@@ -267,6 +271,10 @@ mod tests {
         assert_eq!(
             get("STOCK_URL"),
             Some(EnvAction::Set("http://127.0.0.1:8000/stock".into()))
+        );
+        assert_eq!(
+            get("PAYMENT_URL"),
+            Some(EnvAction::Set("http://127.0.0.1:8000/payment".into()))
         );
         assert_eq!(
             get("AMQP_URL"),

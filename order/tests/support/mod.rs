@@ -64,6 +64,7 @@ pub async fn new_order(orders: &order::orders::Orders) -> common::types::OrderId
     let created = orders
         .create(
             common::types::UserId::parse("u-1").unwrap(),
+            Ok(()),
             &common::idempotency::IdemKey::random("/create/u-1"),
         )
         .await
@@ -169,14 +170,20 @@ fn settings(service: Service, redis_base: &str, db: u8, amqp: &str) -> Settings 
 }
 
 /// The order service's own settings: its saga store on `saga_redis` (a base
-/// URL; the database is [`SAGA_DB`]), prices from `stock_url`.
-fn order_settings(saga_redis: &str, stock_url: &str, options: &Options) -> OrderSettings {
+/// URL; the database is [`SAGA_DB`]), prices from `stock_url`, users from `payment_url`.
+fn order_settings(
+    saga_redis: &str,
+    stock_url: &str,
+    payment_url: &str,
+    options: &Options,
+) -> OrderSettings {
     OrderSettings {
         saga_redis: RedisTarget::Direct {
             url: format!("{saga_redis}/{SAGA_DB}"),
         },
         step_order: options.step_order,
         stock_url: stock_url.to_string(),
+        payment_url: payment_url.to_string(),
         step_timeout: options.step_timeout,
         checkout_timeout: options.checkout_timeout,
         saga_lease: options.saga_lease,
@@ -234,7 +241,7 @@ impl Fleet {
             .unwrap()
             .spawn()
             .await;
-        let order_settings = order_settings(&e.saga_redis, &stock, options);
+        let order_settings = order_settings(&e.saga_redis, &stock, &payment, options);
         let queues = order::Queues {
             stock: stock_queue.clone(),
             payment: payment_queue.clone(),
@@ -449,7 +456,7 @@ pub async fn gateway_fleet(
     let stock_queue = format!("test.{tag}.stock");
     let payment_queue = format!("test.{tag}.payment");
     let mut upstreams: Vec<(String, Vec<u16>)> = Vec::new();
-    let mut stock_url = String::new();
+    let (mut stock_url, mut payment_url) = (String::new(), String::new());
     for service in [Service::Stock, Service::Payment, Service::Order] {
         let mut ports = Vec::new();
         for n in 1..=instances {
@@ -465,7 +472,8 @@ pub async fn gateway_fleet(
                 }
                 Service::Order => {
                     let s = settings(service, &l.redis, ORDER_DB, &l.amqp);
-                    let order_settings = order_settings(&l.redis, &stock_url, options);
+                    let order_settings =
+                        order_settings(&l.redis, &stock_url, &payment_url, options);
                     let queues = order::Queues {
                         stock: stock_queue.clone(),
                         payment: payment_queue.clone(),
@@ -478,6 +486,9 @@ pub async fn gateway_fleet(
             };
             if service == Service::Stock && stock_url.is_empty() {
                 stock_url = url.clone();
+            }
+            if service == Service::Payment && payment_url.is_empty() {
+                payment_url = url.clone();
             }
             ports.push(port_of(&url));
         }

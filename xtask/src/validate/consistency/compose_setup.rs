@@ -151,11 +151,13 @@ pub(super) fn check_compose_setup(root: &Path, p: &mut Problems) -> Result<()> {
                 format!("{who}: AMQP_URL host {host} is no compose service")
             });
         }
-        if let Some(url) = vars.get("STOCK_URL") {
-            let (host, _) = host_port(url, 80);
-            p.check(names.contains(&host), || {
-                format!("{who}: STOCK_URL host {host} is no compose service")
-            });
+        for var in ["STOCK_URL", "PAYMENT_URL"] {
+            if let Some(url) = vars.get(var) {
+                let (host, _) = host_port(url, 80);
+                p.check(names.contains(&host), || {
+                    format!("{who}: {var} host {host} is no compose service")
+                });
+            }
         }
     }
     Ok(())

@@ -210,17 +210,19 @@ pub(super) fn check_k8s_against_helm(
             });
         }
 
-        // The stock service, as the order service calls it.
-        if let Some(url) = literal("STOCK_URL") {
-            let (host, port) = host_port(&url, 80);
-            let ok = services.get(short_host(&host)).is_some_and(|s| {
-                seq_at(&s.doc, &["spec", "ports"])
-                    .iter()
-                    .any(|sp| sp.get("port").and_then(scalar) == Some(port.to_string()))
-            });
-            p.check(ok, || {
-                format!("{who}: STOCK_URL {url} is no Service port in k8s/")
-            });
+        // The stock and payment services, as the order service calls them.
+        for var in ["STOCK_URL", "PAYMENT_URL"] {
+            if let Some(url) = literal(var) {
+                let (host, port) = host_port(&url, 80);
+                let ok = services.get(short_host(&host)).is_some_and(|s| {
+                    seq_at(&s.doc, &["spec", "ports"])
+                        .iter()
+                        .any(|sp| sp.get("port").and_then(scalar) == Some(port.to_string()))
+                });
+                p.check(ok, || {
+                    format!("{who}: {var} {url} is no Service port in k8s/")
+                });
+            }
         }
     }
     check_image_placeholders(objects, p);
