@@ -470,27 +470,41 @@ impl Orders {
         .await
     }
 
-    /// The abort point: takes `saga`'s hold off the order, so it can never
-    /// commit; announces `order.checkout_failed` with the change. True if it
-    /// had committed already (then nothing changes): its paid mark says so
-    /// even once `batch_init` overwrote the order. Otherwise the saga gets a
-    /// fence mark, which its freeze finds: fenced means fenced, whatever the
-    /// order (recovery or an operator can abort a saga whose owner is slow,
-    /// before its freeze or while a freeze whose reply was lost is retried).
+    /// The abort point, for recovery and operators: takes `saga`'s hold off the
+    /// order, so it can never commit; announces `order.checkout_failed` with the
+    /// change. True if it had committed already (then nothing changes): its paid
+    /// mark says so even once `batch_init` overwrote the order. Otherwise the saga
+    /// gets a fence mark, which its freeze finds: fenced means fenced, whatever the
+    /// order. A slow owner may still be about to freeze the order (before its
+    /// freeze, or while a freeze whose EXEC reply was lost is retried): without the
+    /// mark it would find the order free and freeze it again.
     pub async fn fence(&self, id: &OrderId, saga: SagaId) -> Result<bool, StoreError> {
+        self.fence_marking(id, saga, true).await
+    }
+
+    /// [`Orders::fence`] by the saga's owner, whose freeze has returned: no freeze of
+    /// this saga can come any more, so taking its hold off leaves no mark (a key per
+    /// refused checkout otherwise). A saga that does not hold the order is still marked.
+    pub async fn fence_own(&self, id: &OrderId, saga: SagaId) -> Result<bool, StoreError> {
+        self.fence_marking(id, saga, false).await
+    }
+
+    async fn fence_marking(
+        &self,
+        id: &OrderId,
+        saga: SagaId,
+        mark_held: bool,
+    ) -> Result<bool, StoreError> {
         let announce = Some(EventType::CheckoutFailed);
         self.change(id, saga, announce, move |order, marks| match order {
             _ if marks.paid => (None, None, true),
             Some(o) if o.paid_by == Some(saga) => (None, None, true),
-            // The hold goes, and the mark stays: a freeze of this saga still on its way
-            // (a retry after a lost EXEC reply, re-run while its owner's lease lapsed and
-            // recovery fenced it) must find it fenced, not a free order to freeze again.
             Some(o) if o.checkout == Some(saga) => (
                 Some(Order {
                     checkout: None,
                     ..o
                 }),
-                Some(Leave::Fence),
+                mark_held.then_some(Leave::Fence),
                 false,
             ),
             // Marked once; a repeat writes nothing.

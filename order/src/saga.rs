@@ -75,8 +75,8 @@ use crate::contention::Contention;
 use crate::orders::{Freeze, Order, Orders};
 use crate::replies::Replies;
 use crate::saga_store::{
-    Begin, Decision, End, Logged, Progress, Recorded, SagaRecord, SagaState, SagaStore, SagaView,
-    StepLog, ViewState,
+    Begin, Decision, End, Finished, Logged, Progress, Recorded, SagaRecord, SagaState, SagaStore,
+    SagaView, StepLog, ViewState,
 };
 
 /// What came back for one step.
@@ -504,7 +504,7 @@ impl Orchestrator {
         let decided = if all_applied {
             self.orders.commit(&saga.order_id, saga.id).await
         } else {
-            self.orders.fence(&saga.order_id, saga.id).await
+            self.orders.fence_own(&saga.order_id, saga.id).await
         };
         let committed = match decided {
             Ok(committed) => committed,
@@ -657,12 +657,13 @@ impl Orchestrator {
                         .finish_with(saga, no.as_ref(), reason, &steps)
                         .await
                     {
-                        // The first answer recorded (another driver's, maybe) is the answer.
-                        Ok(first) => {
-                            if let Some(no) = first.or(no) {
-                                send(Ok(no));
-                            }
-                        }
+                        // The answer that stands for the key (another driver's, maybe) is
+                        // the answer.
+                        Ok(Finished::Answer(first)) => send(Ok(first)),
+                        Ok(Finished::Nothing) => {}
+                        // A retry with the key began another saga: its answer will be the
+                        // key's, and a repeat waits for it.
+                        Ok(Finished::KeyMoved) => send(Err(still_running())),
                         Err(e) => send(Err(e.into())),
                     }
                     count_outcome(state);

@@ -170,19 +170,19 @@ fn write_inactive(writes: &mut redis::Pipeline, id: SagaId) {
 }
 
 /// A first end: `fields` and the answer (if any) in one HSET, the answer under the
-/// checkout's key too when `key_is_ours` (the key still points at this saga, or holds
-/// nothing), no longer active, and the record's lifetime, which starts now.
+/// checkout's key too, no longer active, and the record's lifetime, which starts now.
+/// (An answer is only given while the key still points at this saga: see
+/// [`SagaStore::finish_with`].)
 fn write_end(
     writes: &mut redis::Pipeline,
     saga: &SagaRecord,
     mut fields: Vec<(String, String)>,
     answer: Option<&Answer>,
-    key_is_ours: bool,
 ) {
     let key = saga_key(saga.id);
     if let Some(answer) = answer {
         fields.push(("answer".to_string(), answer.encode()));
-        if let (Some((idem_key, ttl)), true) = (&saga.idem, key_is_ours) {
+        if let Some((idem_key, ttl)) = &saga.idem {
             writes.set_ex(idem_key, answer.encode(), *ttl).ignore();
         }
     }
@@ -394,6 +394,20 @@ pub enum Progress {
     NeedsAttention(String),
 }
 
+/// How a finish ended, for the request that waits for the saga's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finished {
+    /// The answer that stands for the checkout's key: this finish's, an earlier driver's,
+    /// or one the key recorded since this saga ended without one.
+    Answer(Answer),
+    /// The saga ended without an answer.
+    Nothing,
+    /// The saga had ended without an answer, and its key now points at a later saga (a
+    /// retry with the same key began it), whose answer will be the key's: this finish
+    /// records none.
+    KeyMoved,
+}
+
 /// What the checkout's idempotency key has recorded so far.
 #[derive(Debug)]
 pub enum Recorded {
@@ -494,7 +508,7 @@ fn decision_writes(
     fields.extend(step_fields(&end.steps));
     // A pending, active saga's key cannot have moved to another saga (`begin` waits for
     // this one), so a decision that ends the saga records its answer under it.
-    write_end(&mut writes, saga, fields, end.answer.as_ref(), true);
+    write_end(&mut writes, saga, fields, end.answer.as_ref());
     if let Some(pointer) = pointer {
         writes
             .set_ex(pointer, saga.id.to_string(), RETENTION_SECS as u64)
@@ -816,7 +830,7 @@ impl SagaStore {
         saga: &SagaRecord,
         answer: Option<&Answer>,
         reason: &str,
-    ) -> Result<Option<Answer>, StoreError> {
+    ) -> Result<Finished, StoreError> {
         self.finish_with(saga, answer, reason, &[]).await
     }
 
@@ -829,7 +843,7 @@ impl SagaStore {
         answer: Option<&Answer>,
         reason: &str,
         steps: &[StepLog],
-    ) -> Result<Option<Answer>, StoreError> {
+    ) -> Result<Finished, StoreError> {
         let key = saga_key(saga.id);
         let pointer = pointer_key(&saga.order_id);
         let idem_key = saga.idem.as_ref().map(|(idem_key, _)| idem_key.clone());
@@ -861,12 +875,12 @@ impl SagaStore {
                 let mut replies = replies.into_iter();
                 let first: Option<String> = next_reply(&mut replies, &key)?;
                 let latest: Option<String> = next_reply(&mut replies, &pointer)?;
-                let key_is_ours = match &idem_key {
+                let key_now = match &idem_key {
                     Some(idem_key) => {
                         let held: Option<String> = next_reply(&mut replies, idem_key)?;
-                        held.is_none_or(|held| held == saga_key(saga.id))
+                        parse_recorded(held.as_deref())
                     }
-                    None => false,
+                    None => Recorded::Nothing,
                 };
                 let mut writes = redis::pipe();
                 // Finished before (another driver): the first answer stands. Its
@@ -874,8 +888,20 @@ impl SagaStore {
                 // took the saga over meanwhile put them back.
                 if let Some(first) = first {
                     write_inactive(&mut writes, saga.id);
-                    return Ok(Tx::Commit(writes, Answer::decode(&first)));
+                    let stands = Answer::decode(&first).map_or(Finished::Nothing, Finished::Answer);
+                    return Ok(Tx::Commit(writes, stands));
                 }
+                // The key is this saga's (or holds nothing): this answer is the key's. Else
+                // the saga ended without one before and the key has moved on: this saga
+                // records none, and the request hears what the key stands for.
+                let (answer, stands) = match key_now {
+                    Recorded::Saga(other) if other != saga.id => (None, Finished::KeyMoved),
+                    Recorded::Answer(recorded) => (None, Finished::Answer(recorded)),
+                    Recorded::Nothing | Recorded::Saga(_) => {
+                        let stands = answer.clone().map_or(Finished::Nothing, Finished::Answer);
+                        (answer.clone(), stands)
+                    }
+                };
                 writes
                     .hset_nx(&key, "finished_ms", common::now_ms())
                     .ignore()
@@ -884,14 +910,8 @@ impl SagaStore {
                 if latest.as_deref() == Some(saga.id.to_string().as_str()) {
                     writes.expire(&pointer, RETENTION_SECS).ignore();
                 }
-                write_end(
-                    &mut writes,
-                    &saga,
-                    step_fields(&steps),
-                    answer.as_ref(),
-                    key_is_ours,
-                );
-                Ok(Tx::Commit(writes, answer.clone()))
+                write_end(&mut writes, &saga, step_fields(&steps), answer.as_ref());
+                Ok(Tx::Commit(writes, stands))
             }),
         };
         self.planned.run(plan).await
@@ -916,7 +936,13 @@ impl SagaStore {
             .ignore()
             .hset(&key, "attention_ms", common::now_ms())
             .ignore()
-            .expire(&key, ATTENTION_RETENTION_SECS)
+            // NX: from the first time only. A saga handed to an operator again (a retry that
+            // failed again) keeps its first deadline, which the participants' records of
+            // what it took outlive (`TAKEN_TTL_SECS`, set when it took them).
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(ATTENTION_RETENTION_SECS)
+            .arg("NX")
             .ignore()
             .expire(ATTENTION, ATTENTION_RETENTION_SECS)
             .ignore()

@@ -63,6 +63,30 @@ async fn a_saga_fenced_while_it_held_the_order_never_freezes_it_again() {
     ));
 }
 
+/// The owner's own abort (its freeze has returned, so none of this saga can come) takes
+/// the hold off and leaves no mark: a key per refused checkout would fill the store.
+#[tokio::test]
+async fn the_owners_own_fence_leaves_no_mark() {
+    let dir = ScratchDir::new("orders-test").unwrap();
+    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let orders = Orders::new(direct_store(&redis.url()));
+    let id = support::new_order(&orders).await;
+    let saga = SagaId::new();
+    assert!(matches!(
+        orders.freeze(&id, saga, None).await.unwrap(),
+        Freeze::Frozen(_)
+    ));
+    assert!(!orders.fence_own(&id, saga).await.unwrap());
+    assert!(
+        !orders.commit(&id, saga).await.unwrap(),
+        "fenced: never commits"
+    );
+    let mark = redis
+        .command(&["EXISTS", &format!("fence:{saga}")])
+        .unwrap();
+    assert_eq!(mark, redis::Value::Int(0));
+}
+
 /// Recovery (or an operator) may abort a saga whose owner began it but has
 /// not frozen the order yet. The fence then finds nothing to take off the
 /// order; it leaves a mark instead, so the owner's late freeze is refused:

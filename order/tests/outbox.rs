@@ -372,7 +372,7 @@ async fn consumers_of_ended_relays_are_deleted_once_they_hold_nothing() {
             .query(&mut conn)
             .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let _: i64 = redis::cmd("XGROUP")
         .arg("CREATECONSUMER")
         .arg(OUTBOX)
@@ -381,7 +381,8 @@ async fn consumers_of_ended_relays_are_deleted_once_they_hold_nothing() {
         .query(&mut conn)
         .unwrap();
 
-    let deleted = outbox::prune_consumers(&store, "live", Duration::from_millis(200))
+    // "recent" has been idle for far less than 2 s, the others for more than 3 s.
+    let deleted = outbox::prune_consumers(&store, "live", Duration::from_secs(2))
         .await
         .unwrap();
     assert_eq!(deleted, 2);

@@ -8,8 +8,8 @@ use common::idempotency::{Answer, IdemKey};
 use common::messages::{Line, Step};
 use common::types::{Amount, ItemId, OrderId, SagaId, UserId};
 use order::saga_store::{
-    Begin, Decision, End, Logged, Progress, Recorded, SagaRecord, SagaState, SagaStore, StepLog,
-    RETENTION_SECS,
+    Begin, Decision, End, Finished, Logged, Progress, Recorded, SagaRecord, SagaState, SagaStore,
+    StepLog, RETENTION_SECS,
 };
 use redis::Value;
 use xtask::resp;
@@ -56,11 +56,11 @@ async fn the_first_answer_of_a_saga_stands() {
     let first = refused("checkout refused: payment did not answer in time");
     let second = refused("checkout refused: recovered after its owner stopped");
     let stood = sagas.finish(&saga, Some(&first), "first").await.unwrap();
-    assert_eq!(stood, Some(first.clone()));
+    assert_eq!(stood, Finished::Answer(first.clone()));
     let stood = sagas.finish(&saga, Some(&second), "second").await.unwrap();
     assert_eq!(
         stood,
-        Some(first.clone()),
+        Finished::Answer(first.clone()),
         "a second finish replaced the answer"
     );
 
@@ -280,7 +280,7 @@ async fn a_decision_with_its_end_finishes_the_saga_in_one_write() {
         .finish(&saga, Some(&other), "recovered")
         .await
         .unwrap();
-    assert_eq!(stood, Some(paid.clone()));
+    assert_eq!(stood, Finished::Answer(paid.clone()));
     assert_eq!(text(&["GET", idem_key]), Some(paid.encode()));
     assert_eq!(
         text(&["HGET", &key, "reason"]).as_deref(),
@@ -383,7 +383,10 @@ async fn a_late_finish_never_overwrites_the_answer_of_its_keys_next_saga() {
     };
     assert_eq!(sagas.decide(&first, aborted).await.unwrap(), Logged::Now);
     // Recovery ends it; recovery answers nobody.
-    assert_eq!(sagas.finish(&first, None, "recovered").await.unwrap(), None);
+    assert_eq!(
+        sagas.finish(&first, None, "recovered").await.unwrap(),
+        Finished::Nothing
+    );
 
     let second = SagaRecord {
         id: SagaId::new(),
@@ -393,6 +396,21 @@ async fn a_late_finish_never_overwrites_the_answer_of_its_keys_next_saga() {
         sagas.begin(&second, "instance-b", lease).await.unwrap(),
         Begin::Started
     ));
+    // While the second saga runs, the first one's late finish answers nothing of its own:
+    // the key's answer will be the second saga's.
+    let refused = Answer::refusal(&ApiError::BadRequest("checkout refused".into()));
+    assert_eq!(
+        sagas
+            .finish(&first, Some(&refused), "the owner's own end")
+            .await
+            .unwrap(),
+        Finished::KeyMoved
+    );
+    assert_eq!(
+        resp::text(&redis.command(&["GET", idem_key]).unwrap()),
+        Some(format!("saga:{}", second.id)),
+        "a late finish of the first saga took the key back"
+    );
     let paid = Answer {
         status: 200,
         body: serde_json::json!({"paid": true}),
@@ -409,24 +427,31 @@ async fn a_late_finish_never_overwrites_the_answer_of_its_keys_next_saga() {
     };
     assert_eq!(sagas.decide(&second, committed).await.unwrap(), Logged::Now);
 
-    let refused = Answer::refusal(&ApiError::BadRequest("checkout refused".into()));
+    // Once the second saga answered, a late finish of the first hears that answer, and
+    // the key keeps it.
     let late = sagas
         .finish(&first, Some(&refused), "the owner's own end")
         .await
         .unwrap();
-    assert_eq!(late, Some(refused.clone()), "the first saga's own answer");
+    assert_eq!(
+        late,
+        Finished::Answer(paid.clone()),
+        "what the key stands for"
+    );
     assert_eq!(
         resp::text(&redis.command(&["GET", idem_key]).unwrap()),
         Some(paid.encode()),
         "a late finish of the first saga overwrote the key's answer"
     );
+    // The first saga's record holds no answer of its own: a request still waiting on it
+    // looks at the key again.
     assert_eq!(
         resp::text(
             &redis
                 .command(&["HGET", &format!("saga:{}", first.id), "answer"])
                 .unwrap()
         ),
-        Some(refused.encode())
+        None
     );
 }
 
@@ -458,6 +483,34 @@ async fn taking_over_an_expired_saga_writes_nothing() {
         ),
         Some("operator".to_string())
     );
+}
+
+/// A saga handed to an operator again (a retry that failed again) keeps the deadline of
+/// its first hand-over: extended, it would outlive what the participants keep of what it
+/// took, and a later give-back would find nothing to give back.
+#[tokio::test]
+async fn a_saga_needing_attention_again_keeps_its_first_deadline() {
+    let dir = ScratchDir::new("saga-store-attention").unwrap();
+    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let sagas = SagaStore::new(direct_store(&redis.url()));
+    let saga = record("idem:/checkout/o-1:attention-twice");
+    sagas
+        .begin(&saga, "instance-a", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let deadline = || match redis
+        .command(&["EXPIRETIME", &format!("saga:{}", saga.id)])
+        .unwrap()
+    {
+        Value::Int(at) => at,
+        other => panic!("{other:?}"),
+    };
+    sagas.needs_attention(&saga, "first", &[]).await.unwrap();
+    let first = deadline();
+    assert!(first > 0, "the record got its lifetime");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    sagas.needs_attention(&saga, "again", &[]).await.unwrap();
+    assert_eq!(deadline(), first);
 }
 
 /// A participant keeps what a saga took for longer than the saga store keeps a saga that
