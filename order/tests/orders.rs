@@ -28,13 +28,16 @@ async fn a_freeze_whose_reply_was_lost_is_frozen() {
     );
 }
 
-/// Recovery (or an operator) fenced a saga that held the order while its owner's
-/// freeze was still being retried (the freeze's EXEC ran, its reply was lost, and the
-/// owner's lease lapsed meanwhile). The retry must find the saga fenced, not a free
-/// order to freeze again: frozen again, the owner would take stock and credit that the
-/// recovery was giving back, and commit an order whose goods went back.
-#[tokio::test]
-async fn a_saga_fenced_while_it_held_the_order_never_freezes_it_again() {
+/// A Redis of its own holding one order that a new saga froze.
+struct Frozen {
+    _dir: ScratchDir,
+    redis: RedisServer,
+    orders: Orders,
+    id: OrderId,
+    saga: SagaId,
+}
+
+async fn frozen_order() -> Frozen {
     let dir = ScratchDir::new("orders-test").unwrap();
     let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
     let orders = Orders::new(direct_store(&redis.url()));
@@ -44,6 +47,24 @@ async fn a_saga_fenced_while_it_held_the_order_never_freezes_it_again() {
         orders.freeze(&id, saga, None).await.unwrap(),
         Freeze::Frozen(_)
     ));
+    Frozen {
+        _dir: dir,
+        redis,
+        orders,
+        id,
+        saga,
+    }
+}
+
+/// Recovery (or an operator) fenced a saga that held the order while its owner's
+/// freeze was still being retried (the freeze's EXEC ran, its reply was lost, and the
+/// owner's lease lapsed meanwhile). The retry must find the saga fenced, not a free
+/// order to freeze again: frozen again, the owner would take stock and credit that the
+/// recovery was giving back, and commit an order whose goods went back.
+#[tokio::test]
+async fn a_saga_fenced_while_it_held_the_order_never_freezes_it_again() {
+    let f = frozen_order().await;
+    let (orders, id, saga) = (&f.orders, f.id.clone(), f.saga);
     assert!(!orders.fence(&id, saga).await.unwrap(), "nothing committed");
     assert_eq!(
         orders.freeze(&id, saga, None).await.unwrap(),
@@ -67,15 +88,8 @@ async fn a_saga_fenced_while_it_held_the_order_never_freezes_it_again() {
 /// the hold off and leaves no mark: a key per refused checkout would fill the store.
 #[tokio::test]
 async fn the_owners_own_fence_leaves_no_mark() {
-    let dir = ScratchDir::new("orders-test").unwrap();
-    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let orders = Orders::new(direct_store(&redis.url()));
-    let id = support::new_order(&orders).await;
-    let saga = SagaId::new();
-    assert!(matches!(
-        orders.freeze(&id, saga, None).await.unwrap(),
-        Freeze::Frozen(_)
-    ));
+    let f = frozen_order().await;
+    let (orders, id, saga, redis) = (&f.orders, f.id.clone(), f.saga, &f.redis);
     assert!(!orders.fence_own(&id, saga).await.unwrap());
     assert!(
         !orders.commit(&id, saga).await.unwrap(),
