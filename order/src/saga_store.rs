@@ -547,7 +547,7 @@ impl SagaStore {
     /// Records `answer` under a checkout's key unless something else stands there: returns
     /// the answer that stands (this one, or the first), or the saga the key points at. A
     /// key that points at `over` (a saga that ended without an answer) is recorded over.
-    /// One WATCHed transaction, so a begin under the same key in between is never
+    /// One WATCHed transaction (a plan), so a begin under the same key in between is never
     /// overwritten. Never [`Recorded::Nothing`].
     pub async fn record_first_answer(
         &self,
@@ -555,27 +555,28 @@ impl SagaStore {
         answer: &Answer,
         over: Option<SagaId>,
     ) -> Result<Recorded, StoreError> {
-        let idem_key = idem.redis_key();
-        let (key, answer) = (&idem_key, answer);
-        self.store
-            .transact(std::slice::from_ref(&idem_key), |mut conn| async move {
-                let raw: Result<Option<String>, _> = redis::cmd("GET")
-                    .arg(key)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(StoreError::Redis);
-                let decision = raw.map(|raw| match parse_recorded(raw.as_deref()) {
+        let key = idem.redis_key();
+        let mut reads = redis::pipe();
+        reads.get(&key);
+        let (idem, answer) = (idem.clone(), answer.clone());
+        let plan = Plan {
+            watch: vec![key.clone()],
+            also_touches: Vec::new(),
+            reads,
+            decide: Box::new(move |replies| {
+                let raw: Option<String> = next_reply(&mut replies.into_iter(), &key)?;
+                Ok(match parse_recorded(raw.as_deref()) {
                     Recorded::Saga(saga) if Some(saga) != over => Tx::Abort(Recorded::Saga(saga)),
                     Recorded::Answer(first) => Tx::Abort(Recorded::Answer(first)),
                     Recorded::Nothing | Recorded::Saga(_) => {
                         let mut writes = redis::pipe();
-                        idem.record(&mut writes, answer);
+                        idem.record(&mut writes, &answer);
                         Tx::Commit(writes, Recorded::Answer(answer.clone()))
                     }
-                });
-                (conn, decision)
-            })
-            .await
+                })
+            }),
+        };
+        self.planned.run(plan).await
     }
 
     /// Writes the saga's record and lease, and points the checkout's key at
@@ -1075,39 +1076,38 @@ impl SagaStore {
         lease: Duration,
     ) -> Result<bool, StoreError> {
         let key = saga_key(id);
-        let key = &key;
-        self.store
-            .transact(std::slice::from_ref(key), |mut conn| async move {
-                let exists: Result<bool, _> = redis::cmd("EXISTS")
-                    .arg(key)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(StoreError::Redis);
-                let decision = exists.map(|exists| {
-                    if !exists {
-                        return Tx::Abort(false);
-                    }
-                    let mut writes = redis::pipe();
-                    writes
-                        .srem(ATTENTION, id.to_string())
-                        .ignore()
-                        .sadd(ACTIVE, id.to_string())
-                        .ignore()
-                        .hdel(key, &["attention", "attention_ms"])
-                        .ignore()
-                        .hset(key, "attempts", 0)
-                        .ignore()
-                        .hset(key, "owner", owner)
-                        .ignore()
-                        .set(lease_key(id), owner)
-                        .arg("PX")
-                        .arg(lease.as_millis() as u64)
-                        .ignore();
-                    Tx::Commit(writes, true)
-                });
-                (conn, decision)
-            })
-            .await
+        let mut reads = redis::pipe();
+        reads.exists(&key);
+        let owner = owner.to_string();
+        let plan = Plan {
+            watch: vec![key.clone()],
+            also_touches: vec![lease_key(id)],
+            reads,
+            decide: Box::new(move |replies| {
+                let exists: bool = next_reply(&mut replies.into_iter(), &key)?;
+                if !exists {
+                    return Ok(Tx::Abort(false));
+                }
+                let mut writes = redis::pipe();
+                writes
+                    .srem(ATTENTION, id.to_string())
+                    .ignore()
+                    .sadd(ACTIVE, id.to_string())
+                    .ignore()
+                    .hdel(&key, &["attention", "attention_ms"])
+                    .ignore()
+                    .hset(&key, "attempts", 0)
+                    .ignore()
+                    .hset(&key, "owner", &owner)
+                    .ignore()
+                    .set(lease_key(id), &owner)
+                    .arg("PX")
+                    .arg(lease.as_millis() as u64)
+                    .ignore();
+                Ok(Tx::Commit(writes, true))
+            }),
+        };
+        self.planned.run(plan).await
     }
 
     /// Extends the owner's leases, all in one pipeline. `XX`: a lease the saga's end deleted
