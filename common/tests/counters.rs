@@ -4,22 +4,20 @@
 //! replies, the kit's fault-injecting proxy in front of it).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::counters::{new_epoch, Counters};
 use common::error::ApiError;
 use common::idempotency::{Answer, IdemKey};
 use common::messages::Outcome;
-use common::redis_store::{RedisTarget, Store};
 use common::types::{Amount, SagaId};
 use serde_json::json;
 use xtask::faultproxy::Mode;
-use xtask::{free_port, FaultProxy, RedisServer, ScratchDir};
+
+mod support;
 
 struct Fixture {
     counters: Arc<Counters>,
-    _redis: RedisServer,
-    _dir: ScratchDir,
+    _server: support::Fixture,
 }
 
 fn amount(n: i64) -> Amount {
@@ -27,16 +25,11 @@ fn amount(n: i64) -> Amount {
 }
 
 async fn fixture() -> Fixture {
-    let dir = ScratchDir::new("counters-test").unwrap();
-    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let target = RedisTarget::Direct { url: redis.url() };
-    // No replica here: a short WAIT keeps the test quick.
-    let store = Arc::new(Store::new(&target, Duration::from_millis(10)).unwrap());
-    let counters = Arc::new(Counters::new(store, "item", "stock", &[]));
+    let server = support::Fixture::start("counters-test");
+    let counters = Arc::new(Counters::new(server.store(), "item", "stock", &[]));
     Fixture {
         counters,
-        _redis: redis,
-        _dir: dir,
+        _server: server,
     }
 }
 
@@ -306,13 +299,9 @@ async fn a_repeated_key_returns_the_first_answer_and_applies_nothing() {
 /// re-read the counter and added again; now it finds the recorded answer.
 #[tokio::test]
 async fn an_add_whose_exec_reply_was_lost_is_applied_once() {
-    let dir = ScratchDir::new("counters-lost-reply").unwrap();
-    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let proxy = FaultProxy::start(redis.port()).unwrap();
-    let through_proxy = RedisTarget::Direct {
-        url: format!("redis://127.0.0.1:{}/", proxy.port()),
-    };
-    let store = Arc::new(Store::new(&through_proxy, Duration::from_millis(10)).unwrap());
+    let fixture = support::Fixture::start("counters-lost-reply");
+    let (proxy, store) = fixture.store_behind_proxy();
+    let redis = fixture.redis();
     let counters = Counters::new(store, "item", "stock", &[]);
     seed(&counters, "a", 10).await;
     for round in 1..=5 {

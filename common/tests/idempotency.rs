@@ -9,13 +9,11 @@ use std::time::Duration;
 
 use common::error::ApiError;
 use common::idempotency::{once_after, Answer, IdemKey};
-use common::redis_store::{RedisTarget, Store};
 use serde_json::json;
 
 mod support;
 
 use support::Fixture;
-use xtask::{free_port, FaultProxy, RedisServer, ScratchDir};
 
 /// Work that counts its runs, takes a while and answers with its run number.
 async fn counted_work(runs: &AtomicUsize) -> Result<Answer, ApiError> {
@@ -73,13 +71,8 @@ async fn a_failed_run_leaves_the_key_to_the_retry() {
 
 #[tokio::test]
 async fn a_claim_whose_exec_reply_was_lost_is_still_ours() {
-    let dir = ScratchDir::new("idempotency-lost-claim").unwrap();
-    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let proxy = FaultProxy::start(redis.port()).unwrap();
-    let through_proxy = RedisTarget::Direct {
-        url: format!("redis://127.0.0.1:{}/", proxy.port()),
-    };
-    let store = Store::new(&through_proxy, Duration::from_millis(10)).unwrap();
+    let fixture = Fixture::start("idempotency-lost-claim");
+    let (proxy, store) = fixture.store_behind_proxy();
     let key = IdemKey::from_client("k-4", "/batch_init/10/1/1/1").unwrap();
     // The claim's EXEC applies, its reply is lost, and the store tries again: that try
     // finds the claim taken, by this very call. Taking it for someone else's would wait

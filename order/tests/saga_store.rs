@@ -18,6 +18,15 @@ use xtask::{free_port, FaultProxy, RedisServer, ScratchDir};
 mod support;
 use support::direct_store;
 
+/// A saga store on a redis-server of its own (the directory and server live as long as
+/// the returned values).
+fn scratch_saga_store(name: &str) -> (ScratchDir, RedisServer, SagaStore) {
+    let dir = ScratchDir::new(name).unwrap();
+    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
+    let sagas = SagaStore::new(direct_store(&redis.url()));
+    (dir, redis, sagas)
+}
+
 fn record(idem_key: &str) -> SagaRecord {
     SagaRecord {
         id: SagaId::new(),
@@ -38,9 +47,7 @@ fn record(idem_key: &str) -> SagaRecord {
 /// returns it instead of its own, so every client hears the same answer.
 #[tokio::test]
 async fn the_first_answer_of_a_saga_stands() {
-    let dir = ScratchDir::new("saga-store-test").unwrap();
-    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let sagas = SagaStore::new(direct_store(&redis.url()));
+    let (_dir, redis, sagas) = scratch_saga_store("saga-store-test");
     let idem_key = "idem:/checkout/o-1:first-answer";
     let saga = record(idem_key);
     let begun = sagas
@@ -77,9 +84,7 @@ async fn the_first_answer_of_a_saga_stands() {
 /// key's), unless it ended without one; an answer recorded first stays.
 #[tokio::test]
 async fn a_404_never_overwrites_what_its_key_recorded_first() {
-    let dir = ScratchDir::new("saga-store-404").unwrap();
-    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let sagas = SagaStore::new(direct_store(&redis.url()));
+    let (_dir, redis, sagas) = scratch_saga_store("saga-store-404");
     let idem = IdemKey::from_client("k-404", "/checkout/o-1").unwrap();
     let saga = record(&idem.redis_key());
     let begun = sagas
@@ -152,9 +157,7 @@ async fn a_begin_whose_reply_was_lost_starts_its_own_saga() {
 /// one could be refused for what the stuck saga still holds, and the refusal would stand.
 #[tokio::test]
 async fn a_repeat_joins_its_saga_that_needs_attention() {
-    let dir = ScratchDir::new("saga-store-test").unwrap();
-    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let sagas = SagaStore::new(direct_store(&redis.url()));
+    let (_dir, _redis, sagas) = scratch_saga_store("saga-store-test");
     let idem_key = "idem:/checkout/o-1:stuck";
     let stuck = record(idem_key);
     let begun = sagas
@@ -195,9 +198,7 @@ async fn a_repeat_joins_its_saga_that_needs_attention() {
 /// finds it decided and writes nothing; its finish hears the first answer.
 #[tokio::test]
 async fn a_decision_with_its_end_finishes_the_saga_in_one_write() {
-    let dir = ScratchDir::new("saga-store-test").unwrap();
-    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let sagas = SagaStore::new(direct_store(&redis.url()));
+    let (_dir, redis, sagas) = scratch_saga_store("saga-store-test");
     let idem_key = "idem:/checkout/o-1:decided-and-ended";
     // A client's own key: it outlives the record (24 h).
     let saga = SagaRecord {
@@ -294,9 +295,7 @@ async fn a_decision_with_its_end_finishes_the_saga_in_one_write() {
 /// hashtable would take more than twice the memory for the ten minutes a record is kept.
 #[tokio::test]
 async fn a_finished_saga_record_is_one_listpack() {
-    let dir = ScratchDir::new("saga-store-test").unwrap();
-    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let sagas = SagaStore::new(direct_store(&redis.url()));
+    let (_dir, redis, sagas) = scratch_saga_store("saga-store-test");
     let idem_key = "idem:/checkout/o-1:compact-record";
     let lines: Vec<Line> = ["item-one", "item-two", "item-three"]
         .iter()
@@ -365,9 +364,7 @@ async fn a_finished_saga_record_is_one_listpack() {
 /// a repeat would answer 400 for an order its key paid.
 #[tokio::test]
 async fn a_late_finish_never_overwrites_the_answer_of_its_keys_next_saga() {
-    let dir = ScratchDir::new("saga-store-late-finish").unwrap();
-    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let sagas = SagaStore::new(direct_store(&redis.url()));
+    let (_dir, redis, sagas) = scratch_saga_store("saga-store-late-finish");
     let idem_key = "idem:/checkout/o-1:retried";
     let lease = Duration::from_secs(5);
     let first = record(idem_key);
@@ -460,9 +457,7 @@ async fn a_late_finish_never_overwrites_the_answer_of_its_keys_next_saga() {
 /// lifetime, active for ever and never loadable by recovery.
 #[tokio::test]
 async fn taking_over_an_expired_saga_writes_nothing() {
-    let dir = ScratchDir::new("saga-store-take-over").unwrap();
-    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let sagas = SagaStore::new(direct_store(&redis.url()));
+    let (_dir, redis, sagas) = scratch_saga_store("saga-store-take-over");
     let gone = SagaId::new();
     let lease = Duration::from_secs(5);
     assert!(!sagas.take_over(gone, "operator", lease).await.unwrap());
@@ -490,9 +485,7 @@ async fn taking_over_an_expired_saga_writes_nothing() {
 /// took, and a later give-back would find nothing to give back.
 #[tokio::test]
 async fn a_saga_needing_attention_again_keeps_its_first_deadline() {
-    let dir = ScratchDir::new("saga-store-attention").unwrap();
-    let redis = RedisServer::start(dir.path(), free_port(), None, None).unwrap();
-    let sagas = SagaStore::new(direct_store(&redis.url()));
+    let (_dir, redis, sagas) = scratch_saga_store("saga-store-attention");
     let saga = record("idem:/checkout/o-1:attention-twice");
     sagas
         .begin(&saga, "instance-a", Duration::from_secs(5))
